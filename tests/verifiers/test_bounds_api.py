@@ -1,0 +1,122 @@
+"""The public API: argument checks, unsupported layers, caching, specification margin."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from certnas.space.ops import GlobalAvgPool
+from tests.nets import op_net
+from verifiers import bounds, lirpa
+from verifiers.bounds import BoundInputError, UnsupportedModelError, compute_bounds, margin_lower_bound
+
+
+@pytest.fixture
+def net():
+    return op_net("dil_conv_3x3", 1)
+
+
+@pytest.fixture
+def x():
+    return torch.rand(2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("eps,message", [(-0.1, "eps must be >= 0"), (float("nan"), "eps is NaN"),
+                                         (torch.tensor([0.1, -1.0]), "eps must be >= 0"),
+                                         (torch.tensor([0.1, 0.2, 0.3]), "shape (2,)"), ("abc", "number")])
+def test_bad_eps_is_rejected_with_a_clear_message(net, x, eps, message):
+    with pytest.raises(BoundInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compute_bounds(net, x, eps)
+
+
+def test_nan_input_is_rejected(net, x):
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(BoundInputError, match="NaN"):
+        compute_bounds(net, x, 0.1)
+
+
+def test_unknown_method_and_norm_list_the_known_ones(net, x):
+    with pytest.raises(BoundInputError, match="known methods: ibp, crown-ibp, crown, alpha-crown"):
+        compute_bounds(net, x, 0.1, method="crwn")
+    with pytest.raises(BoundInputError, match="supported norms: inf, 2"):
+        compute_bounds(net, x, 0.1, norm=1)
+
+
+def test_label_shape_mismatch_and_range_are_rejected(net, x):
+    with pytest.raises(BoundInputError, match=r"y must have shape \(2,\)"):
+        margin_lower_bound(net, x, torch.tensor([0, 1, 2]), 0.1)
+    with pytest.raises(BoundInputError, match="labels must lie in"):
+        margin_lower_bound(net, x, torch.tensor([0, 9]), 0.1)
+
+
+@pytest.mark.parametrize("layer,name", [(nn.AvgPool2d(3, 1, 1, count_include_pad=False), "AvgPool2d"),
+                                        (nn.MaxPool2d(3, 1, 1), "MaxPool2d")])
+def test_native_pooling_is_refused_naming_the_layer(layer, name, x):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, GlobalAvgPool(), nn.Linear(2, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match=rf"'1' \({name}\)"):
+        compute_bounds(model, x, 0.1, method="ibp")
+
+
+def test_unsupported_activation_is_refused_naming_the_operation(x):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match="Tanh"):
+        compute_bounds(model, x, 0.1, method="crown-ibp")
+
+
+def test_repeated_calls_do_not_retrace(net, x, monkeypatch):
+    calls = []
+    original = lirpa.BoundedModule
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lirpa, "BoundedModule", counting)
+    for batch in (x, torch.rand(5, 1, 8, 8), x):
+        compute_bounds(net, batch, 0.05, method="crown-ibp")
+    assert len(calls) == 1
+    compute_bounds(net, torch.rand(2, 1, 10, 10), 0.05, method="crown-ibp")  # new shape: new trace
+    assert len(calls) == 2
+
+
+def test_cached_wrapper_sees_updated_weights(net, x):
+    y = torch.tensor([0, 1])
+    before = margin_lower_bound(net, x, y, 0.05).detach()
+    with torch.no_grad():
+        net.head.bias[0] += 1.0
+    after = margin_lower_bound(net, x, y, 0.05).detach()
+    assert not torch.allclose(before, after)
+    fresh = op_net("dil_conv_3x3", 1)
+    with torch.no_grad():
+        fresh.head.bias[0] += 1.0
+    assert torch.allclose(after, margin_lower_bound(fresh, x, y, 0.05).detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_specification_margin_is_at_least_the_difference_of_logit_bounds(net, x, method):
+    y = torch.tensor([1, 3])
+    margin = margin_lower_bound(net, x, y, 0.05, method=method)
+    lower, upper = compute_bounds(net, x, 0.05, method=method)
+    others = upper.scatter(1, y.view(-1, 1), -math.inf).max(dim=1).values
+    naive = lower.gather(1, y.view(-1, 1)).squeeze(1) - others
+    assert (margin >= naive - 1e-5).all()
+
+
+def test_margin_specification_rows():
+    spec = bounds.margin_specification(torch.tensor([2, 0]), 3)
+    expected = torch.tensor([[[-1.0, 0, 1], [0, -1, 1]], [[1, -1, 0], [1, 0, -1]]])
+    assert torch.equal(spec, expected)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_cached_wrapper_sees_updated_architecture_weights(method, x):
+    y = torch.tensor([0, 1])
+    net = op_net("mixed", 1, seed=5)
+    margin_lower_bound(net, x, y, 0.03, method=method)  # trace and cache
+    with torch.no_grad():
+        net.arch[0, 2] += 1.0
+    cached = margin_lower_bound(net, x, y, 0.03, method=method)
+    fresh = op_net("mixed", 1, seed=5)
+    with torch.no_grad():
+        fresh.arch[0, 2] += 1.0
+    assert torch.allclose(cached, margin_lower_bound(fresh, x, y, 0.03, method=method), atol=1e-5)

@@ -1,0 +1,58 @@
+"""The compatibility patches that let auto-LiRPA 0.3 run on torch 2 / numpy 2."""
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from verifiers import lirpa
+
+
+def test_auto_lirpa_imports():
+    assert lirpa.AUTO_LIRPA_VERSION == "0.3"
+    shim = sys.modules["numpy.lib.arraysetops"]
+    assert shim.isin(np.array([1, 2, 3]), [2]).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN", "CROWN-Optimized"])
+def test_plain_cnn_bounds_trace_and_run(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.rand(2, 1, 8, 8)
+    bounded = lirpa.BoundedModule(model, torch.zeros(1, 1, 8, 8))
+    ptb = lirpa.PerturbationLpNorm(norm=math.inf, eps=0.02)
+    lower, upper = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), method=method)
+    out = model(x)
+    assert (lower <= out + 1e-5).all() and (out <= upper + 1e-5).all()
+
+
+def test_bounded_module_named_parameters():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    bounded = lirpa.BoundedModule(model, torch.zeros(1, 4))
+    assert len(list(bounded.named_parameters())) == 4
+    assert len(list(bounded.named_parameters(remove_duplicate=False))) == 4
+
+
+def test_patches_and_matrix_mode_agree_on_per_position_constants():
+    """Patch 6 unfolds a per-position factor into patches; it must equal the dense product."""
+    from tests.nets import op_net
+    net = op_net("max_pool_3x3", 2, seed=1)
+    x = torch.rand(2, 1, 8, 8)
+    results = []
+    for mode in ("patches", "matrix"):
+        bounded = lirpa.BoundedModule(net, torch.zeros(1, 1, 8, 8), bound_opts={"conv_mode": mode})
+        ptb = lirpa.PerturbationLpNorm(norm=math.inf, eps=0.05)
+        results.append(bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), method="CROWN-IBP"))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_bounding_leaves_requires_grad_alone():
+    from tests.nets import op_net
+    from verifiers.bounds import compute_bounds
+    net = op_net("sep_conv_3x3", 1)  # eval mode
+    compute_bounds(net, torch.rand(2, 1, 8, 8), 0.05, method="ibp")
+    assert all(p.requires_grad for p in net.parameters())

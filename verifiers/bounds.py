@@ -1,0 +1,283 @@
+"""The public bound API: sound bounds on a model's logits over an Lp ball.
+
+``compute_bounds`` and ``margin_lower_bound`` take any ``torch.nn.Module`` built from supported
+layers (convolutions, linear layers, batch norm, ReLU, flatten, additions, concatenation,
+multiplication by a value that does not depend on the input, and the operations in
+``certnas.space.ops``). Native pooling layers are NOT supported (auto_LiRPA 0.3 bounds padded
+average pooling unsoundly and rejects stride-1 max pooling); use ``certnas.space.ops`` instead.
+
+Inputs are in the model's input units (pixels in [0, 1]); for the L-inf norm the ball is
+intersected with [0, 1]. For L2 it is not (the full ball is a superset, so bounds stay sound).
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import warnings
+import weakref
+from typing import Dict, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from verifiers import lirpa
+from verifiers.errors import BoundInputError, UnsupportedModelError
+
+Eps = Union[float, torch.Tensor]
+
+
+class BoundMethod(str, enum.Enum):
+    IBP = "ibp"
+    CROWN_IBP = "crown-ibp"
+    CROWN = "crown"
+    ALPHA_CROWN = "alpha-crown"
+
+    @classmethod
+    def parse(cls, value: Union[str, "BoundMethod"]) -> "BoundMethod":
+        try:
+            return cls(value)
+        except ValueError:
+            known = ", ".join(m.value for m in cls)
+            raise BoundInputError(f"unknown bound method {value!r}; known methods: {known}") from None
+
+    @property
+    def lirpa_name(self) -> str:
+        return {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
+                "alpha-crown": "CROWN-Optimized"}[self.value]
+
+    @property
+    def keeps_gradient(self) -> bool:
+        return self is not BoundMethod.ALPHA_CROWN
+
+    @property
+    def conv_mode(self) -> str:
+        # Full CROWN computes every intermediate bound by back-substitution. In auto_LiRPA 0.3's
+        # "patches" mode those bounds were violated by sampled inputs on depthwise / dilated
+        # convolutions (sep_conv_5x5, dil_conv_*, max_pool_3x3 as rewritten here), by up to 3e-2;
+        # "matrix" mode was sound on every op (tests/verifiers/test_soundness.py). IBP and
+        # CROWN-IBP only back-substitute from the output and were sound in patches mode.
+        return "matrix" if self in (BoundMethod.CROWN, BoundMethod.ALPHA_CROWN) else "patches"
+
+
+def parse_norm(norm: Union[float, int, str]) -> float:
+    """``inf`` (or ``"inf"``, ``"linf"``) or ``2`` (``"2"``, ``"l2"``) -> ``math.inf`` or ``2.0``."""
+    text = str(norm).strip().lower()
+    if text in ("inf", "linf", "l-inf"):
+        return math.inf
+    if text in ("2", "2.0", "l2"):
+        return 2.0
+    raise BoundInputError(f"unsupported norm {norm!r}; supported norms: inf, 2")
+
+
+# Module types that are never bounded soundly here, with the replacement to use.
+_REJECTED_MODULES = {
+    nn.AvgPool2d: "auto_LiRPA 0.3 gives unsound CROWN bounds on padded average pooling; "
+                  "use certnas.space.ops.AvgPool3x3 or GlobalAvgPool",
+    nn.MaxPool2d: "auto_LiRPA 0.3 cannot bound stride-1 max pooling; use certnas.space.ops.MaxPool3x3",
+    nn.AdaptiveAvgPool2d: "use certnas.space.ops.GlobalAvgPool (a fixed convolution)",
+    nn.AdaptiveMaxPool2d: "global max pooling is not supported",
+}
+
+# Graph operations allowed on the input-dependent (perturbed) path. Everything here is either
+# linear or ReLU, and every one is exercised by the soundness tests.
+_ALLOWED_PERTURBED_NODES = {
+    "BoundInput", "BoundConv", "BoundLinear", "BoundMatMul", "BoundRelu", "BoundAdd", "BoundSub",
+    "BoundMul", "BoundBatchNormalization", "BoundConcat", "BoundFlatten", "BoundReshape",
+    "BoundIdentity", "BoundDropout", "BoundNeg",
+}
+
+
+def check_supported_modules(model: nn.Module) -> None:
+    """Raise UnsupportedModelError naming the first layer the engine refuses to bound."""
+    for name, module in model.named_modules():
+        for bad_type, advice in _REJECTED_MODULES.items():
+            if isinstance(module, bad_type):
+                raise UnsupportedModelError(
+                    f"cannot bound layer {name or '<root>'!r} ({type(module).__name__}): {advice}")
+
+
+def _check_graph(bounded: "lirpa.BoundedModule", model: nn.Module) -> None:
+    for node in bounded._modules.values():
+        if not node.perturbed:
+            continue
+        kind = type(node).__name__
+        if kind not in _ALLOWED_PERTURBED_NODES:
+            raise UnsupportedModelError(
+                f"cannot bound {type(model).__name__}: operation {kind[5:] or kind} "
+                f"(graph node {node.name}) on the input path is not supported by the bound engine")
+        if kind == "BoundMul" and all(inp.perturbed for inp in node.inputs):
+            raise UnsupportedModelError(
+                f"cannot bound {type(model).__name__}: a product of two input-dependent values "
+                f"(graph node {node.name}) is not supported")
+
+
+class _ScaledInput(nn.Module):
+    """``model(centre + scale * z)``: a per-sample L2 radius becomes a unit ball in ``z``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.model(centre + scale * z)
+
+
+# model -> {(wrapper kind, input shape, device, dtype): (BoundedModule, parameter ids)}
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
+
+
+def _bound_options(conv_mode: str) -> dict:
+    # Sparse intermediate bounds / sparse alphas break alpha-CROWN on L2 in 0.3 (shape errors in
+    # reconstruct_full_alpha); dense is exact, just larger.
+    return {"conv_mode": conv_mode, "sparse_intermediate_bounds": False,
+            "sparse_conv_intermediate_bounds": False, "sparse_intermediate_bounds_with_ibp": False,
+            "sparse_features_alpha": False, "sparse_spec_alpha": False,
+            "optimize_bound_args": {"iteration": 20, "lr_alpha": 0.5}}
+
+
+def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: str) -> "lirpa.BoundedModule":
+    """The auto_LiRPA wrapper of ``model`` for inputs shaped like ``x``, traced once and cached."""
+    key = (scaled, conv_mode, tuple(x.shape[1:]), x.device, x.dtype)
+    param_ids = tuple(id(p) for p in model.parameters())
+    per_model = _CACHE.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None and hit[1] == param_ids:
+        return hit[0]
+    check_supported_modules(model)
+    dummy = torch.zeros((1,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
+    target = _ScaledInput(model) if scaled else model
+    args = (dummy, dummy, torch.ones(1, x.shape[1], 1, 1, device=x.device)) if scaled else (dummy,)
+    was_training = model.training
+    model.eval()  # trace in eval mode so batch norm with batch size 1 is well defined
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bounded = lirpa.BoundedModule(target, args, device=x.device,
+                                          bound_opts=_bound_options(conv_mode))
+    finally:
+        model.train(was_training)
+    bounded._certnas_checked = False
+    per_model[key] = (bounded, param_ids)
+    return bounded
+
+
+def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tuple[torch.Tensor, float, BoundMethod]:
+    method = BoundMethod.parse(method)
+    norm = parse_norm(norm)
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise BoundInputError(f"x must be a batched tensor (B, ...), got {getattr(x, 'shape', type(x))}")
+    if torch.isnan(x).any():
+        raise BoundInputError("x contains NaN")
+    batch = x.shape[0]
+    if isinstance(eps, torch.Tensor):
+        eps_t = eps.detach().to(device=x.device, dtype=x.dtype).flatten()
+        if eps_t.numel() == 1:
+            eps_t = eps_t.expand(batch)
+        if eps_t.numel() != batch:
+            raise BoundInputError(f"eps must be a float or a tensor of shape ({batch},), got shape {tuple(eps.shape)}")
+    else:
+        try:
+            eps_t = torch.full((batch,), float(eps), device=x.device, dtype=x.dtype)
+        except (TypeError, ValueError):
+            raise BoundInputError(f"eps must be a number, got {eps!r}") from None
+    if torch.isnan(eps_t).any():
+        raise BoundInputError("eps is NaN")
+    if (eps_t < 0).any():
+        raise BoundInputError(f"eps must be >= 0, got {eps_t.min().item():g}")
+    if torch.isinf(eps_t).any():
+        raise BoundInputError("eps must be finite")
+    return eps_t, norm, method
+
+
+def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
+           method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True):
+    uniform = bool((eps_t == eps_t[0]).all())
+    scaled = norm != math.inf and not uniform
+    bounded = _bounded_module(model, x, scaled, method.conv_mode)
+    bounded.train(model.training)
+    if norm == math.inf:
+        radius = eps_t.view(-1, *([1] * (x.dim() - 1)))
+        x_lower = (x - radius).clamp(0.0, 1.0)
+        x_upper = (x + radius).clamp(0.0, 1.0)
+        perturbation = lirpa.PerturbationLpNorm(norm=math.inf, eps=float(eps_t.max()), x_L=x_lower, x_U=x_upper)
+        inputs = (lirpa.BoundedTensor(x, perturbation),)
+    elif not scaled:
+        perturbation = lirpa.PerturbationLpNorm(norm=2.0, eps=float(eps_t[0]))
+        inputs = (lirpa.BoundedTensor(x, perturbation),)
+    else:
+        z = torch.zeros_like(x)
+        scale = eps_t.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, 1).contiguous() if x.dim() == 4 \
+            else eps_t.view(-1, *([1] * (x.dim() - 1)))
+        inputs = (lirpa.BoundedTensor(z, lirpa.PerturbationLpNorm(norm=2.0, eps=1.0)), x, scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = torch.enable_grad() if method is BoundMethod.ALPHA_CROWN else contextlib.nullcontext()
+        with context:
+            lower, upper = bounded.compute_bounds(x=inputs, method=method.lirpa_name, C=C,
+                                                  bound_upper=bound_upper)
+    if not bounded._certnas_checked:
+        _check_graph(bounded, model)
+        bounded._certnas_checked = True
+    if method is BoundMethod.ALPHA_CROWN:
+        lower = lower.detach()
+        upper = upper.detach() if upper is not None else None
+    return lower, upper
+
+
+def compute_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, norm: Union[float, str] = math.inf,
+                   method: Union[str, BoundMethod] = "crown-ibp") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sound bounds on the logits over the Lp ball of radius ``eps`` around ``x``.
+
+    x: (B, ...) in [0, 1]; eps: float or (B,), >= 0; norm: inf or 2.
+    Returns ``(lower, upper)``, each (B, K): for every input in the ball, lower <= logits <= upper.
+    Keeps the autograd graph for ibp, crown-ibp and crown (not alpha-crown).
+    """
+    eps_t, norm, method = _validate(model, x, eps, norm, method)
+    return _bound(model, x, eps_t, norm, method)
+
+
+def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows ``e_y - e_j`` for every ``j != y``: shape (B, K - 1, K)."""
+    eye = torch.eye(num_classes, device=y.device)
+    others = torch.arange(num_classes, device=y.device).expand(len(y), -1)
+    others = others[others != y.unsqueeze(1)].view(len(y), num_classes - 1)
+    return eye[y].unsqueeze(1) - eye[others]
+
+
+def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
+                       norm: Union[float, str] = math.inf,
+                       method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
+    """Lower bound on ``min_{j != y} (logit_y - logit_j)`` over the ball; > 0 means certified.
+
+    x: (B, ...) in [0, 1]; y: (B,) integer labels; eps: float or (B,). Returns (B,).
+    Computed with a specification matrix (the margin is bounded as one linear function of the
+    logits), which is tighter than subtracting logit bounds.
+    """
+    eps_t, norm, method = _validate(model, x, eps, norm, method)
+    y = torch.as_tensor(y, device=x.device)
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise BoundInputError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if y.dtype.is_floating_point:
+        raise BoundInputError("y must hold integer class labels")
+    y = y.long()
+    num_classes = _num_classes(model, x)
+    if (y < 0).any() or (y >= num_classes).any():
+        raise BoundInputError(f"labels must lie in [0, {num_classes - 1}], got {y.min().item()}..{y.max().item()}")
+    C = margin_specification(y, num_classes).to(x.dtype)
+    lower, _ = _bound(model, x, eps_t, norm, method, C=C, bound_upper=False)
+    return lower.min(dim=1).values
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    cached = getattr(model, "_certnas_num_classes", None)
+    if cached is not None:
+        return cached
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        num_classes = int(model(x[:1]).shape[-1])
+    model.train(was_training)
+    object.__setattr__(model, "_certnas_num_classes", num_classes)
+    return num_classes
+

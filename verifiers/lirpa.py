@@ -1,0 +1,234 @@
+"""The only module that imports auto_LiRPA.
+
+auto-LiRPA 0.3 (the only release on the package registry) was written for torch < 1.13 and
+numpy 1. Importing this module applies the small compatibility patches it needs on torch 2.x and
+numpy 2, then re-exports the pieces the rest of ``verifiers`` uses. Each patch says what moved and
+which test covers it (``tests/verifiers/test_lirpa.py`` unless stated otherwise).
+
+Patches are idempotent and only fill in what is missing, so on an environment where the old names
+still exist nothing is replaced.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import numpy
+import torch
+import torch.onnx
+
+
+def _patch_numpy_arraysetops() -> None:
+    # 1. numpy 2 removed ``numpy.lib.arraysetops``; auto_LiRPA.operators.base imports ``isin``
+    #    from it. ``numpy.isin`` is the same function. Covered by test_auto_lirpa_imports.
+    try:
+        importlib.import_module("numpy.lib.arraysetops")
+    except ImportError:
+        shim = types.ModuleType("numpy.lib.arraysetops")
+        shim.isin = numpy.isin
+        sys.modules["numpy.lib.arraysetops"] = shim
+
+
+def _patch_onnx_helpers() -> None:
+    # 2. ``torch.onnx.utils._optimize_graph`` moved to
+    #    ``torch.onnx._internal.torchscript_exporter.utils`` (parse_graph imports it by the old name).
+    # 3. ``torch.onnx.symbolic_helper._set_opset_version`` is gone; the opset now lives in
+    #    ``GLOBALS.export_onnx_opset_version``. Both are used when a model is traced, so
+    #    test_plain_cnn_bounds_trace_and_run covers them.
+    import torch.onnx.symbolic_helper as symbolic_helper
+    import torch.onnx.utils as onnx_utils
+
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # older torch: the old names are still there
+        ts_utils, GLOBALS = None, None
+
+    if not hasattr(onnx_utils, "_optimize_graph") and ts_utils is not None:
+        onnx_utils._optimize_graph = ts_utils._optimize_graph
+    if not hasattr(symbolic_helper, "_set_opset_version") and GLOBALS is not None:
+        def _set_opset_version(opset_version: int) -> None:
+            GLOBALS.export_onnx_opset_version = opset_version
+
+        symbolic_helper._set_opset_version = _set_opset_version
+
+
+def _patch_node_getitem() -> None:
+    # 4. ``torch._C.Node`` is no longer subscriptable; parse_graph reads attributes as
+    #    ``node[name]``. The typed getters remain: ``node.kindOf(name)`` names the getter
+    #    (``i``, ``f``, ``s``, ``t``, ``is_``, ...). Covered by test_plain_cnn_bounds_trace_and_run
+    #    (every conv has attributes).
+    if not hasattr(torch._C.Node, "__getitem__"):
+        def _getitem(node: torch._C.Node, name: str):
+            return getattr(node, node.kindOf(name))(name)
+
+        torch._C.Node.__getitem__ = _getitem
+
+
+def _patch_named_members(bounded_module_cls: type) -> None:
+    # 5. ``nn.Module.named_parameters()`` now calls
+    #    ``_named_members(..., remove_duplicate=...)``; BoundedModule's override in 0.3 does not take
+    #    that keyword. Accept and honour it. Covered by test_bounded_module_named_parameters.
+    original = bounded_module_cls._named_members
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        if remove_duplicate:
+            yield from original(self, get_members_fn, prefix, recurse)
+            return
+        modules = self.named_modules(prefix=prefix) if recurse else [(prefix, self)]
+        for module_prefix, module in modules:
+            for name, value in get_members_fn(module):
+                if value is None:
+                    continue
+                yield (module_prefix + ("." if module_prefix else "") + name, value)
+
+    _named_members._certnas_patched = True
+    bounded_module_cls._named_members = _named_members
+
+
+def _unfold_like_patches(factor: torch.Tensor, A, spatial: tuple) -> torch.Tensor:
+    """A per-position factor ``(1 or B, 1 or C, H, W)`` laid out like the patches of ``A``.
+
+    Patch entry ``[.., oh, ow, c, kh, kw]`` is the coefficient of input pixel
+    ``(c, oh * stride - top + kh, ow * stride - left + kw)``; the factor is padded with zeros (the
+    padded pixels do not exist) and unfolded with the same window, stride and padding.
+    """
+    import torch.nn.functional as F
+    from auto_LiRPA.patches import unify_shape
+
+    inserted = getattr(A, "inserted_zeros", 0)
+    out_pad = getattr(A, "output_padding", 0)
+    if inserted or (out_pad if isinstance(out_pad, int) else any(out_pad)):
+        raise NotImplementedError("certnas: per-position constant on patches with inserted zeros")
+    pieces = A.patches
+    in_c, kh, kw = pieces.shape[-3:]
+    if factor.dim() != 4:
+        factor = factor.reshape((1,) * (4 - factor.dim()) + tuple(factor.shape))
+    factor = factor.expand(factor.shape[0], in_c, *spatial)
+    left, right, top, bottom = unify_shape(A.padding)
+    stride = A.stride if isinstance(A.stride, int) else A.stride[0]
+    padded = F.pad(factor, (left, right, top, bottom))
+    out_h = (padded.shape[2] - kh) // stride + 1
+    out_w = (padded.shape[3] - kw) // stride + 1
+    unfolded = F.unfold(padded, (kh, kw), stride=stride)  # (N, in_c * kh * kw, out_h * out_w)
+    unfolded = unfolded.view(factor.shape[0], in_c, kh, kw, out_h, out_w).permute(0, 4, 5, 1, 2, 3)
+    if A.unstable_idx is None:
+        if pieces.dim() != 7 or tuple(pieces.shape[2:4]) != (out_h, out_w):
+            raise NotImplementedError(f"certnas: unexpected patches shape {tuple(pieces.shape)}")
+        return unfolded.unsqueeze(0)  # (1, N, out_h, out_w, in_c, kh, kw)
+    _, rows, cols = A.unstable_idx
+    return unfolded[:, rows, cols].transpose(0, 1)  # (U, N, in_c, kh, kw)
+
+
+def _patch_mul_by_unperturbed(bound_mul_cls: type, patches_cls: type) -> None:
+    # 6. BoundMul in 0.3 treats a factor as constant only if it is a graph constant, a buffer or a
+    #    raw parameter. A factor *computed* from parameters (softmax of architecture weights in a
+    #    mixed operation) goes down the "both inputs perturbed" path, whose shape handling fails.
+    #    When one factor does not depend on the perturbed input, the product is linear in the
+    #    other, so multiplying the linear coefficients by that factor's value is exact, and the
+    #    value keeps its autograd graph (architecture gradients flow through it). Scalar factors
+    #    are also allowed on patches-mode coefficients. Covered by the mixed-operation tests in
+    #    tests/verifiers/test_soundness.py and tests/verifiers/test_gradients.py.
+    original = bound_mul_cls.bound_backward
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def scale(A, factor, spatial):
+        if A is None:
+            return None
+        if isinstance(A, patches_cls):
+            if factor.numel() == 1:
+                return A.create_similar(A.patches * factor.reshape(()))
+            return A.create_similar(A.patches * _unfold_like_patches(factor, A, spatial))
+        return A * factor
+
+    def bound_backward(self, last_lA, last_uA, x, y):
+        if x.perturbed and y.perturbed:
+            return original(self, last_lA, last_uA, x, y)
+        if not x.perturbed and not y.perturbed:
+            return [(None, None), (None, None)], 0.0, 0.0
+        variable, constant = (x, y) if x.perturbed else (y, x)
+        # The current value: ``lower`` (== ``upper``) is recomputed for unperturbed inputs on every
+        # call; ``.value`` is cached from the first trace and goes stale when parameters change.
+        factor = getattr(constant, "lower", None)
+        if factor is None:
+            factor = getattr(constant, "forward_value", None)
+        if factor is None:
+            raise RuntimeError(f"certnas: no current value for multiplier {constant.name}")
+        spatial = tuple(variable.output_shape[-2:])
+        lA = scale(last_lA, factor, spatial)
+        uA = scale(last_uA, factor, spatial)
+        if isinstance(lA, torch.Tensor):
+            lA = self.broadcast_backward(lA, variable)
+        if isinstance(uA, torch.Tensor):
+            uA = self.broadcast_backward(uA, variable)
+        coefficients = (lA, uA)
+        return ([coefficients, (None, None)] if x.perturbed else [(None, None), coefficients]), 0.0, 0.0
+
+    bound_backward._certnas_patched = True
+    bound_mul_cls.bound_backward = bound_backward
+
+
+def _patch_constant_bounds(bound_constant_cls: type) -> None:
+    # 7. Full CROWN reads ``weight = inputs[1].lower`` in BoundConv.bound_backward. Root nodes
+    #    (inputs, parameters, buffers) get ``lower = upper = value`` when bounds start, but a
+    #    BoundConstant (a tensor built in forward, e.g. the fixed kernel of GlobalAvgPool) never
+    #    does, so CROWN fails with "BoundConstant has no attribute lower". A constant's bounds are
+    #    its value. Covered by the crown / alpha-crown cases of tests/verifiers/test_soundness.py.
+    if isinstance(getattr(bound_constant_cls, "lower", None), property):
+        return
+
+    def value(self):
+        return self.value
+
+    def ignore(self, *args):
+        return None
+
+    bound_constant_cls.lower = property(value, ignore, ignore)
+    bound_constant_cls.upper = property(value, ignore, ignore)
+
+
+def _patch_params_keep_requires_grad(bound_params_cls: type) -> None:
+    # 8. BoundParams.forward in 0.3 calls ``param.requires_grad_(self.training)``. The parameter
+    #    is the user's own nn.Parameter, so bounding an eval-mode model switched gradients off on
+    #    the model itself, and eval-mode IBP bounds came back without a graph. Whether to track
+    #    gradients is the caller's choice (torch.no_grad); leave the flag alone. Covered by
+    #    tests/verifiers/test_gradients.py and test_bounding_leaves_requires_grad_alone.
+    if getattr(bound_params_cls.forward, "_certnas_patched", False):
+        return
+
+    def forward(self):
+        return self.param_init if self.initializing else self.param
+
+    forward._certnas_patched = True
+    bound_params_cls.forward = forward
+
+
+_patch_numpy_arraysetops()
+_patch_onnx_helpers()
+_patch_node_getitem()
+
+import warnings  # noqa: E402
+
+with warnings.catch_warnings():
+    # 0.3 calls the deprecated torch.jit.script at import; the warning is noise for users.
+    warnings.simplefilter("ignore")
+    import auto_LiRPA  # noqa: E402  (must follow the patches above)
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
+
+from auto_LiRPA.operators.bivariate import BoundMul  # noqa: E402
+from auto_LiRPA.operators.constant import BoundConstant  # noqa: E402
+from auto_LiRPA.operators.leaf import BoundParams  # noqa: E402
+from auto_LiRPA.patches import Patches  # noqa: E402
+
+_patch_named_members(BoundedModule)
+_patch_mul_by_unperturbed(BoundMul, Patches)
+_patch_constant_bounds(BoundConstant)
+_patch_params_keep_requires_grad(BoundParams)
+
+AUTO_LIRPA_VERSION: str = getattr(auto_LiRPA, "__version__", "unknown")
+
+__all__ = ["BoundedModule", "BoundedTensor", "PerturbationLpNorm", "AUTO_LIRPA_VERSION", "auto_LiRPA"]
