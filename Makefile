@@ -1,13 +1,13 @@
 # The two entry points of the README. Both create or reuse .venv and install what is missing.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup search test test-fast bench
 
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
-	$(PY) -m certnas.cli demo --out runs/demo
+search: setup
+	$(PY) -m certnas.cli search --metric clb --out runs/search-clb --force
 
 test: setup
 	$(PY) -m pytest -q tests

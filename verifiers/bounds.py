@@ -140,10 +140,15 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     """The auto_LiRPA wrapper of ``model`` for inputs shaped like ``x``, traced once and cached."""
     key = (scaled, conv_mode, tuple(x.shape[1:]), x.device, x.dtype)
     param_ids = tuple(id(p) for p in model.parameters())
+    buffer_ids = tuple(id(b) for b in model.buffers())
     per_model = _CACHE.setdefault(model, {})
     hit = per_model.get(key)
     if hit is not None and hit[1] == param_ids:
-        return hit[0]
+        bounded = hit[0]
+        if hit[2] != buffer_ids:
+            _link_buffers(bounded, bounded._certnas_target)
+            per_model[key] = (bounded, param_ids, buffer_ids)
+        return bounded
     check_supported_modules(model)
     dummy = torch.zeros((1,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
     target = _ScaledInput(model) if scaled else model
@@ -158,8 +163,22 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     finally:
         model.train(was_training)
     bounded._certnas_checked = False
-    per_model[key] = (bounded, param_ids)
+    for node in bounded._modules.values():
+        if type(node).__name__ == "BoundBatchNormalization":
+            node.momentum = 0.0  # computing bounds must not move the model's running statistics
+    object.__setattr__(bounded, "_certnas_target", target)
+    _link_buffers(bounded, target)
+    per_model[key] = (bounded, param_ids, buffer_ids)
     return bounded
+
+
+def _link_buffers(bounded: "lirpa.BoundedModule", target: nn.Module) -> None:
+    """Make the wrapper read the model's own buffers (auto_LiRPA 0.3 stores clones taken at trace
+    time, so batch-norm running statistics updated by training would be stale)."""
+    buffers = dict(target.named_buffers())
+    for node in bounded._modules.values():
+        if type(node).__name__ == "BoundBuffers" and node.ori_name in buffers:
+            node.buffer = buffers[node.ori_name]
 
 
 def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tuple[torch.Tensor, float, BoundMethod]:
@@ -169,6 +188,9 @@ def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tupl
         raise BoundInputError(f"x must be a batched tensor (B, ...), got {getattr(x, 'shape', type(x))}")
     if torch.isnan(x).any():
         raise BoundInputError("x contains NaN")
+    if x.numel() and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
+        raise BoundInputError(f"x must be pixels in [0, 1] (normalisation belongs inside the model), "
+                              f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
     batch = x.shape[0]
     if isinstance(eps, torch.Tensor):
         eps_t = eps.detach().to(device=x.device, dtype=x.dtype).flatten()
@@ -193,6 +215,10 @@ def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tupl
 def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
            method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True):
     uniform = bool((eps_t == eps_t[0]).all())
+    if norm != math.inf and not uniform and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP):
+        # auto_LiRPA 0.3's IBP through the scaled-input wrapper below is unsound for L2 (it
+        # returned zero-width intervals), so these methods run one batch per distinct radius.
+        return _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper)
     scaled = norm != math.inf and not uniform
     bounded = _bounded_module(model, x, scaled, method.conv_mode)
     bounded.train(model.training)
@@ -210,6 +236,12 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
         scale = eps_t.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, 1).contiguous() if x.dim() == 4 \
             else eps_t.view(-1, *([1] * (x.dim() - 1)))
         inputs = (lirpa.BoundedTensor(z, lirpa.PerturbationLpNorm(norm=2.0, eps=1.0)), x, scale)
+    if model.training:
+        # Training-mode batch norm bounds the function with *this batch's* statistics, which
+        # auto_LiRPA 0.3 takes from the last clean forward pass through the wrapper; compute_bounds
+        # does not run one, so without this the statistics of an earlier batch were used.
+        clean = inputs if not scaled else (torch.zeros_like(x), x, inputs[2])
+        bounded(*[t.data if isinstance(t, lirpa.BoundedTensor) else t for t in clean])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         context = torch.enable_grad() if method is BoundMethod.ALPHA_CROWN else contextlib.nullcontext()
@@ -222,6 +254,21 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
     if method is BoundMethod.ALPHA_CROWN:
         lower = lower.detach()
         upper = upper.detach() if upper is not None else None
+    return lower, upper
+
+
+def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper):
+    lower_parts, upper_parts, order = [], [], []
+    for radius in torch.unique(eps_t):
+        index = (eps_t == radius).nonzero().flatten()
+        lower, upper = _bound(model, x[index], eps_t[index], norm, method,
+                              None if C is None else C[index], bound_upper)
+        lower_parts.append(lower)
+        upper_parts.append(upper)
+        order.append(index)
+    inverse = torch.argsort(torch.cat(order))
+    lower = torch.cat(lower_parts)[inverse]
+    upper = torch.cat(upper_parts)[inverse] if bound_upper else None
     return lower, upper
 
 

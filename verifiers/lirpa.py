@@ -171,6 +171,21 @@ def _patch_mul_by_unperturbed(bound_mul_cls: type, patches_cls: type) -> None:
     bound_backward._certnas_patched = True
     bound_mul_cls.bound_backward = bound_backward
 
+    # The same in interval propagation: the general product of two intervals costs about a dozen
+    # full-size tensor operations (four products, NaN guards, min and max) for what is a
+    # multiplication by a known factor. Exactness of this path: the soundness tests on mixed ops.
+    original_interval = bound_mul_cls.interval_propagate
+
+    def interval_propagate(self, *v):
+        perturbed = [inp.perturbed for inp in self.inputs]
+        if self.is_constant_op or all(perturbed) or not any(perturbed):
+            return original_interval(self, *v)
+        (lower, upper), factor = (v[0], v[1][0]) if perturbed[0] else (v[1], v[0][0])
+        positive, negative = factor.clamp(min=0), factor.clamp(max=0)
+        return lower * positive + upper * negative, upper * positive + lower * negative
+
+    bound_mul_cls.interval_propagate = interval_propagate
+
 
 def _patch_constant_bounds(bound_constant_cls: type) -> None:
     # 7. Full CROWN reads ``weight = inputs[1].lower`` in BoundConv.bound_backward. Root nodes
@@ -189,6 +204,11 @@ def _patch_constant_bounds(bound_constant_cls: type) -> None:
 
     bound_constant_cls.lower = property(value, ignore, ignore)
     bound_constant_cls.upper = property(value, ignore, ignore)
+    # 9. BoundBatchNormalization.bound_backward reads ``inputs[1].param`` (the scale); with
+    #    ``affine=False`` (DARTS search cells) the scale and shift are traced as constants, which
+    #    have no ``param``. Their value is the parameter. Covered by
+    #    test_supernet_bounds_are_sound_for_every_method in tests/certnas/test_supernet.py.
+    bound_constant_cls.param = property(value, ignore, ignore)
 
 
 def _patch_params_keep_requires_grad(bound_params_cls: type) -> None:
@@ -205,6 +225,37 @@ def _patch_params_keep_requires_grad(bound_params_cls: type) -> None:
 
     forward._certnas_patched = True
     bound_params_cls.forward = forward
+
+
+def _patch_self_reload(bounded_module_cls: type) -> None:
+    # 10. BoundedModule.__init__ reloads its own state dict after the tracing forward pass. The
+    #     parameters are the user's own tensors, so this copies each one onto itself, which bumps
+    #     its autograd version counter: any graph the caller built before the first bound call
+    #     (e.g. ``loss = CE(net(x), y)`` followed by a metric) then fails in backward with
+    #     "modified by an inplace operation". Skip entries that already hold the target's values.
+    #     Covered by test_first_bound_call_keeps_earlier_graphs_usable.
+    original = bounded_module_cls.load_state_dict
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def load_state_dict(self, state_dict, strict=False):
+        own = {}
+        for node in self._modules.values():
+            tensor = getattr(node, "param", None) if hasattr(node, "param") else None
+            if isinstance(tensor, torch.Tensor):
+                own[getattr(node, "ori_name", None)] = tensor
+        def same_storage(key, value):
+            mine = own.get(key)
+            if mine is None or not isinstance(value, torch.Tensor) or mine.shape != value.shape:
+                return False
+            # __init__ reloads a deep copy: equal values, other storage. Writing them is a no-op.
+            return mine.data_ptr() == value.data_ptr() or torch.equal(mine.detach(), value.to(mine.device))
+
+        filtered = type(state_dict)((k, v) for k, v in state_dict.items() if not same_storage(k, v))
+        return original(self, filtered, strict=strict)
+
+    load_state_dict._certnas_patched = True
+    bounded_module_cls.load_state_dict = load_state_dict
 
 
 _patch_numpy_arraysetops()
@@ -225,6 +276,7 @@ from auto_LiRPA.operators.leaf import BoundParams  # noqa: E402
 from auto_LiRPA.patches import Patches  # noqa: E402
 
 _patch_named_members(BoundedModule)
+_patch_self_reload(BoundedModule)
 _patch_mul_by_unperturbed(BoundMul, Patches)
 _patch_constant_bounds(BoundConstant)
 _patch_params_keep_requires_grad(BoundParams)

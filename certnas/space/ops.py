@@ -192,6 +192,42 @@ class MaxPool3x3(nn.Module):
         return self._max3(x, self.column_kernels, (s, 1), (1, 0), height, axis=0)
 
 
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2, 2)`` as two strided selections per axis and ``a + relu(b - a)``."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        first = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2).repeat(C, 1, 1, 1)
+        second = torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).repeat(C, 1, 1, 1)  # x[j + 1] - x[j]
+        self.register_buffer("row_first", first, persistent=False)
+        self.register_buffer("row_step", second, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_even(x, "MaxPool2x2")
+        groups = x.shape[1]
+        x = F.conv2d(x, self.row_first, stride=(1, 2), groups=groups) + F.relu(
+            F.conv2d(x, self.row_step, stride=(1, 2), groups=groups))
+        col_first, col_step = self.row_first.transpose(-1, -2), self.row_step.transpose(-1, -2)
+        return F.conv2d(x, col_first, stride=(2, 1), groups=groups) + F.relu(
+            F.conv2d(x, col_step, stride=(2, 1), groups=groups))
+
+
+class ChannelMap(nn.Module):
+    """A fixed 0/1 channel map ``out[o] = x[source[o]]`` (selection, scatter, permutation) as a 1x1
+    convolution; ``source[o] = -1`` leaves output channel o at zero."""
+
+    def __init__(self, in_channels: int, source: list):
+        super().__init__()
+        weight = torch.zeros(len(source), in_channels, 1, 1)
+        for out, index in enumerate(source):
+            if index >= 0:
+                weight[out, index] = 1.0
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight)
+
+
 class GlobalAvgPool(nn.Module):
     """Mean over H and W, ``(B, C, H, W) -> (B, C)``, as a fixed depthwise convolution."""
 

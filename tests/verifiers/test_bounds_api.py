@@ -120,3 +120,69 @@ def test_cached_wrapper_sees_updated_architecture_weights(method, x):
     with torch.no_grad():
         fresh.arch[0, 2] += 1.0
     assert torch.allclose(cached, margin_lower_bound(fresh, x, y, 0.03, method=method), atol=1e-5)
+
+
+def test_cached_wrapper_sees_updated_batch_norm_statistics(x):
+    y = torch.tensor([0, 1])
+    net = op_net("sep_conv_3x3", 1, seed=2)
+    margin_lower_bound(net, x, y, 0.03)  # trace and cache
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(16, 1, 8, 8) * 3)  # moves the running statistics
+    net.eval()
+    cached = margin_lower_bound(net, x, y, 0.03)
+    fresh = op_net("sep_conv_3x3", 1, seed=2)
+    fresh.load_state_dict(net.state_dict())
+    assert torch.allclose(cached, margin_lower_bound(fresh, x, y, 0.03), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_training_mode_bounds_use_the_current_batch_statistics(method):
+    net = op_net("sep_conv_3x3", 1, seed=3).train()
+    y = torch.tensor([0, 1, 2, 3])
+    for seed in (0, 1):  # a second batch must not reuse the first batch's statistics
+        x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) ** (1 + 2 * seed)
+        running = [b.clone() for b in net.buffers()]
+        bound = margin_lower_bound(net, x, y, 0.0, method=method)
+        assert all(torch.equal(a, b) for a, b in zip(running, net.buffers())), "bounds moved running stats"
+        with torch.no_grad():
+            out = net(x)
+        margin = out.gather(1, y.view(-1, 1)).squeeze(1) - out.scatter(1, y.view(-1, 1), -math.inf).max(1).values
+        assert torch.allclose(bound, margin, atol=1e-4), (bound, margin)
+
+
+def _freeze_batch_statistics(net: nn.Module, x: torch.Tensor) -> None:
+    """Turn training-mode batch norm on batch x into the eval-mode network with exactly the
+    statistics that batch norm used on x (biased variance)."""
+    stats = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: stats.__setitem__(
+        m, (args[0].mean((0, 2, 3)), args[0].var((0, 2, 3), unbiased=False))))
+        for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        net(x)
+    for hook in hooks:
+        hook.remove()
+    for module, (mean, var) in stats.items():
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+    net.eval()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_training_mode_bounds_are_sound(method):
+    """In training mode the bounds hold for the network whose batch norm uses the clean batch's
+    statistics (fixed): sample and attack that network."""
+    from tests.violation import max_violation
+    net = op_net("mixed", 2, seed=4).train()
+    x = torch.rand(6, 1, 8, 8)
+    lower, upper = compute_bounds(net, x, 0.05, method=method)
+    _freeze_batch_statistics(net, x)
+    with torch.no_grad():
+        centre = net(x)
+    assert (lower <= centre + 1e-5).all() and (centre <= upper + 1e-5).all()
+    assert max_violation(net, x, 0.05, math.inf, lower.detach(), upper.detach(), samples=32, pgd_steps=15) <= 1e-5
+
+
+def test_inputs_outside_the_unit_interval_are_rejected(net):
+    with pytest.raises(BoundInputError, match=r"pixels in \[0, 1\]"):
+        compute_bounds(net, torch.rand(2, 1, 8, 8) * 3 - 1, 0.1)

@@ -56,3 +56,14 @@ def test_bounding_leaves_requires_grad_alone():
     net = op_net("sep_conv_3x3", 1)  # eval mode
     compute_bounds(net, torch.rand(2, 1, 8, 8), 0.05, method="ibp")
     assert all(p.requires_grad for p in net.parameters())
+
+
+def test_first_bound_call_keeps_earlier_graphs_usable():
+    from tests.nets import op_net
+    from verifiers.bounds import margin_lower_bound
+    net = op_net("mixed", 1, seed=7)
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    loss = torch.nn.functional.cross_entropy(net(x), y)  # graph built before the first trace
+    bound = margin_lower_bound(net, x, y, 0.01, method="crown-ibp")
+    (loss - bound.mean()).backward()
+    assert net.arch.grad is not None

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory as ratios measured side by side, and the paper's tables."""

@@ -1,0 +1,114 @@
+"""White-box attacks: construct with settings, call with ``(images, labels)``, get adversarial
+images back, always inside the eps ball and inside [0, 1].
+
+FGSM and PGD (L-inf and L2) are this project's own code. Inputs are pixels in [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from verifiers.bounds import parse_norm
+
+
+def _view(eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return eps.view(-1, *([1] * (x.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: float) -> torch.Tensor:
+    """Nearest point of the ball (radius eps, per sample) intersected with [0, 1]."""
+    delta = x_adv - x
+    if norm == math.inf:
+        delta = torch.max(torch.min(delta, _view(eps, x)), -_view(eps, x))
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        delta = delta * _view((eps / norms).clamp(max=1.0), x)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind == "ce":
+        return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
+    if kind == "cw":  # margin loss: best other logit minus the true logit
+        def cw(logits, y):
+            true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+            other = logits.scatter(1, y.view(-1, 1), -math.inf).max(dim=1).values
+            return other - true
+        return cw
+    raise ValueError(f"unknown attack loss {kind!r}; known: ce, cw")
+
+
+@dataclass
+class PGD:
+    """Projected gradient ascent on the loss, random start, ``restarts`` tries keeping the best.
+
+    eps: radius (pixels); norm: inf or 2; steps; step_size (default 2.5 * eps / steps); loss: ce or
+    cw. ``steps=1, random_start=False, step_size=eps`` is FGSM.
+    """
+    model: nn.Module
+    eps: float
+    norm: float = math.inf
+    steps: int = 10
+    step_size: float = None
+    restarts: int = 1
+    random_start: bool = True
+    loss: str = "ce"
+
+    def __post_init__(self):
+        self.norm = parse_norm(self.norm)
+        if self.step_size is None:
+            self.step_size = 2.5 * self.eps / max(self.steps, 1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss_fn = _loss(self.loss)
+        eps = torch.full((x.shape[0],), float(self.eps), device=x.device, dtype=x.dtype)
+        best = x.detach().clone()
+        best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for _ in range(max(self.restarts, 1)):
+                x_adv = x.detach().clone()
+                if self.random_start and self.eps > 0:
+                    if self.norm == math.inf:
+                        x_adv = x_adv + (torch.rand_like(x) * 2 - 1) * self.eps
+                    else:
+                        noise = torch.randn_like(x)
+                        noise = noise / _view(noise.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                        x_adv = x_adv + noise * self.eps * _view(torch.rand(x.shape[0], device=x.device), x)
+                    x_adv = project(x_adv, x, eps, self.norm)
+                for _ in range(self.steps):
+                    x_adv.requires_grad_(True)
+                    with torch.enable_grad():
+                        loss = loss_fn(self.model(x_adv), y)
+                        grad, = torch.autograd.grad(loss.sum(), x_adv)
+                    with torch.no_grad():
+                        if self.norm == math.inf:
+                            step = grad.sign()
+                        else:
+                            step = grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                        x_adv = project(x_adv + self.step_size * step, x, eps, self.norm)
+                with torch.no_grad():
+                    final = loss_fn(self.model(x_adv), y)
+                    better = final > best_loss
+                    best[better] = x_adv[better]
+                    best_loss = torch.where(better, final, best_loss)
+        finally:
+            self.model.train(was_training)
+        return best.detach()
+
+
+def fgsm(model: nn.Module, eps: float, norm=math.inf) -> PGD:
+    return PGD(model, eps, norm, steps=1, step_size=eps, random_start=False)
+
+
+ATTACKS: Dict[str, Callable[..., PGD]] = {
+    "fgsm": lambda model, eps, norm=math.inf, steps=1, restarts=1: fgsm(model, eps, norm),
+    "pgd": lambda model, eps, norm=math.inf, steps=10, restarts=1: PGD(model, eps, norm, steps, restarts=restarts),
+    "cw": lambda model, eps, norm=math.inf, steps=10, restarts=1: PGD(model, eps, norm, steps, restarts=restarts, loss="cw"),
+}

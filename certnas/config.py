@@ -1,0 +1,56 @@
+"""Configuration dataclasses and strict construction from dictionaries and the command line."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from fractions import Fraction
+from typing import Any, Dict, Mapping, Optional, Type, TypeVar
+
+from verifiers.errors import CertnasError
+
+T = TypeVar("T")
+
+
+class ConfigError(CertnasError):
+    """An unknown, misspelt or invalid setting."""
+
+
+def parse_eps(text: Any) -> float:
+    """``"2/255"``, ``"0.01"`` or a number -> float >= 0, without eval. Raises ConfigError."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raw = str(text).strip()
+        try:
+            if "/" in raw:
+                numerator, denominator = raw.split("/", 1)
+                if float(denominator) == 0:
+                    raise ConfigError(f"eps {raw!r}: division by zero")
+                value = float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
+            else:
+                value = float(raw)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"eps {raw!r} is not a number or fraction like 2/255") from None
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise ConfigError(f"eps must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None) -> T:
+    """Build dataclass ``cls`` from ``values`` over ``base`` (or the defaults); unknown keys fail
+    with a close-match suggestion."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown setting {key!r} for {cls.__name__}{hint}")
+    current = dataclasses.asdict(base) if base is not None else {}
+    current.update(values)
+    return cls(**current)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,117 @@
+"""Robustness metrics R for the architecture loss ``L_val - gamma * R``, chosen by name.
+
+Every metric returns ``(value, details)``: a scalar tensor with a graph to the architecture
+parameters, and a dict of floats for ``history.csv``. Inputs x: (B, C, H, W) in [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+from verifiers.bounds import margin_lower_bound, parse_norm
+from verifiers.radius import certified_radius
+
+Details = Dict[str, float]
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """eps in pixel units; norm inf or 2; bound ibp | crown-ibp | crown; clb_form margin | radius;
+    jacobian_projections 0 = exact (K backward passes), M > 0 = M random classes per batch."""
+    eps: float = 0.01
+    norm: str = "inf"
+    bound: str = "crown-ibp"
+    clb_form: str = "margin"
+    jacobian_projections: int = 0
+    radius_max: float = 0.3
+    radius_steps: int = 8
+
+
+def metric_none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    return torch.zeros((), device=x.device), {}
+
+
+def metric_clb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    """Certified lower bound. ``margin``: batch mean of the margin lower bound at eps.
+    ``radius``: batch mean of the per-sample certified radius, with the implicit-function gradient
+    d eps*/d theta = -(dg/d theta) / (dg/d eps) at g(eps*, theta) = 0, g the margin lower bound."""
+    if config.clb_form == "margin":
+        margin = margin_lower_bound(model, x, y, config.eps, norm=config.norm, method=config.bound)
+        return margin.mean(), {"clb_margin": margin.mean().item(), "clb_certified": (margin > 0).float().mean().item()}
+    if config.clb_form != "radius":
+        raise ValueError(f"unknown clb form {config.clb_form!r}; known: margin, radius")
+    return radius_objective(model, x, y, config)
+
+
+def radius_objective(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    radius = certified_radius(model, x, y, norm=config.norm, method=config.bound,
+                              eps_max=config.radius_max, steps=config.radius_steps)
+    inner = (radius > 0) & (radius < config.radius_max)
+    details = {"clb_radius": radius.mean().item(), "clb_certified": (radius > 0).float().mean().item()}
+    if not inner.any():
+        return radius.mean() + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad), details
+    index = inner.nonzero().flatten()
+    at = radius[index]
+    g = margin_lower_bound(model, x[index], y[index], at, norm=config.norm, method=config.bound)
+    # dg/d eps by a central difference (works for every norm and method; no gradient needed).
+    h = 1e-3 * at
+    with torch.no_grad():
+        g_up = margin_lower_bound(model, x[index], y[index], at + h, norm=config.norm, method=config.bound)
+        g_down = margin_lower_bound(model, x[index], y[index], (at - h).clamp_min(0), norm=config.norm, method=config.bound)
+        slope = ((g_up - g_down) / (2 * h)).clamp(max=-1e-6)  # g decreases in eps
+    implicit = radius.clone()
+    implicit[index] = at - (g - g.detach()) / slope  # value = radius; gradient = -(dg/dtheta) / slope
+    return implicit.mean(), details
+
+
+def input_gradient_norms(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, dual: float) -> torch.Tensor:
+    """(B, len(classes)) q-norms of d logit_k / d x, with a graph for double backprop."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    norms = []
+    for k in classes.tolist():
+        grad, = torch.autograd.grad(logits[:, k].sum(), x, create_graph=True)
+        norms.append(grad.flatten(1).norm(p=dual, dim=1))
+    return torch.stack(norms, dim=1)
+
+
+def metric_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    """R = -eps * mean_x (1/K) sum_k ||d f_k / d x||_q, q the dual norm of the perturbation norm
+    (q = 1 for L-inf, 2 for L2). With M projections, the mean over k uses M random classes
+    (an unbiased estimate at M backward passes instead of K)."""
+    norm = parse_norm(config.norm)
+    dual = 1.0 if norm == math.inf else 2.0
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[1]
+    if config.jacobian_projections and config.jacobian_projections < num_classes:
+        classes = torch.randperm(num_classes)[:config.jacobian_projections]
+    else:
+        classes = torch.arange(num_classes)
+    norms = input_gradient_norms(model, x, classes, dual)
+    value = -config.eps * norms.mean()
+    return value, {"jacobian_norm": norms.mean().item(), "jacobian_term": value.item()}
+
+
+def metric_combined(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    clb, clb_details = metric_clb(model, x, y, config)
+    jac, jac_details = metric_jacobian(model, x, y, config)
+    return clb + jac, {**clb_details, **jac_details}
+
+
+METRICS: Dict[str, Callable[..., Tuple[torch.Tensor, Details]]] = {
+    "none": metric_none,
+    "clb": metric_clb,
+    "jacobian": metric_jacobian,
+    "combined": metric_combined,
+}
+
+
+def robustness(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return METRICS[name](model, x, y, config)

@@ -1,0 +1,171 @@
+"""Run folders and the one epoch loop shared by search and training.
+
+A run folder holds ``config.json`` (the resolved settings), ``environment.json``, ``history.csv``
+(one row per completed epoch) and ``checkpoint.pt`` (the safe format of ``certnas.io``), all
+written atomically. ``--resume`` continues from the last completed epoch with the random state it
+had, so an interrupted run ends exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from certnas import __version__
+from certnas.io import load_file, save_file
+from verifiers.errors import CertnasError
+
+
+class RunFolderError(CertnasError):
+    """An output folder that cannot be used as asked."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.replace(temp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def environment() -> Dict[str, str]:
+    from verifiers.lirpa import AUTO_LIRPA_VERSION
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"certnas": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION, "git_commit": commit,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> Path:
+    """Refuse a non-empty folder unless ``resume`` or ``force``; ``force`` empties checkpoints."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} exists and is not a folder")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise RunFolderError(f"--resume: no checkpoint.pt in {out}")
+    elif non_empty and not force:
+        raise RunFolderError(f"--out {out} is not empty; use --resume to continue it or --force to overwrite")
+    elif non_empty and force:
+        for name in ("checkpoint.pt", "history.csv"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(_numpy_state()), "python": json.dumps(random.getstate())}
+
+
+def _numpy_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = json.loads(state["numpy"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    python_state = json.loads(state["python"])
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+
+
+def write_history(path: Path, rows: List[Dict[str, Any]]) -> None:
+    columns: List[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, limit: int = 0) -> List[torch.Tensor]:
+    """The epoch's shuffled sample order, seeded by (seed, epoch): independent of resume."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(dataset), generator=generator)
+    if limit:
+        order = order[:limit]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(dataset, index: torch.Tensor, device: torch.device):
+    items = [dataset[int(i)] for i in index]
+    x = torch.stack([item[0] for item in items]).to(device)
+    y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long, device=device)
+    return x, y
+
+
+def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
+               epoch_fn: Callable[[int, tqdm], Dict[str, float]], batches_per_epoch: int,
+               after_epoch: Optional[Callable[[int, Dict[str, Any]], Dict[str, Any]]] = None,
+               description: str = "epoch", quiet: bool = False) -> List[Dict[str, Any]]:
+    """Run ``epoch_fn(epoch, progress)`` for the remaining epochs, checkpointing after each.
+
+    state: name -> object with ``state_dict`` / ``load_state_dict`` (model, optimisers,
+    schedulers). ``after_epoch(epoch, row)`` may add columns or extra checkpoint tensors.
+    Returns the history rows.
+    """
+    checkpoint = Path(out) / "checkpoint.pt"
+    history: List[Dict[str, Any]] = []
+    start = 0
+    if resume:
+        tensors, meta = load_file(checkpoint, kind="checkpoint")
+        for name, obj in state.items():
+            obj.load_state_dict(tensors[name])
+        set_rng_state(tensors["rng"])
+        history = meta["history"]
+        start = meta["epoch"] + 1
+    for epoch in range(start, epochs):
+        began = time.time()
+        with tqdm(total=batches_per_epoch, desc=f"{description} {epoch + 1}/{epochs}", disable=quiet,
+                  leave=False, dynamic_ncols=True) as progress:
+            row = {"epoch": epoch + 1, **epoch_fn(epoch, progress)}
+        row["seconds"] = round(time.time() - began, 2)
+        extra = after_epoch(epoch, row) if after_epoch else {}
+        history.append(row)
+        tensors = {name: obj.state_dict() for name, obj in state.items()}
+        tensors["rng"] = rng_state()
+        tensors.update(extra or {})
+        save_file(checkpoint, "checkpoint", tensors, {"epoch": epoch, "history": history})
+        write_history(Path(out) / "history.csv", history)
+        if not quiet:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+            tqdm.write(f"{description} {epoch + 1}/{epochs}: {summary} ({row['seconds']:.0f} s)")
+    return history
+
+
+def config_record(config) -> Dict[str, Any]:
+    return asdict(config)

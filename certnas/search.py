@@ -1,0 +1,299 @@
+"""The bi-level architecture search (DARTS / PC-DARTS) with a robustness term.
+
+Per batch: an architecture step on a validation batch minimising ``L_val - gamma * R`` (first
+order, or second order with the unrolled weights and a finite-difference Hessian-vector product),
+then a weight step on a training batch. Baselines: ``none`` (plain DARTS, R = 0), ``sdarts-adv``
+(the weight step sees architecture weights perturbed adversarially within an L-inf ball, after
+SDARTS-ADV), ``pgd`` (both steps on PGD adversarial examples).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from certnas.attacks import PGD
+from certnas.config import ConfigError
+from certnas.data import load_data
+from certnas.metrics import METRICS, MetricConfig, robustness
+from certnas.runs import (atomic_write_json, atomic_write_text, collate, environment, epoch_batches,
+                          prepare_run_folder, run_epochs, seed_everything)
+from certnas.space.supernet import SearchNetwork
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("sdarts-adv", "pgd")
+SEARCH_METRICS = tuple(METRICS) + BASELINES
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting of a search. The defaults are the embedded-MNIST CPU setting (see README);
+    the paper's setting is layers=8, init_channels=16, epochs=50 on the full dataset."""
+    data: str = "mnist-embedded"
+    data_root: Optional[str] = None
+    image_size: int = 32
+    metric: str = "clb"
+    gamma: float = 0.01
+    bound: str = "crown-ibp"
+    eps: float = 0.01
+    norm: str = "inf"
+    clb_form: str = "margin"
+    jacobian_projections: int = 0
+    radius_max: float = 0.3
+    radius_steps: int = 8
+    sdarts_epsilon: float = 0.3
+    sdarts_steps: int = 7
+    pgd_steps: int = 7
+    layers: int = 3
+    init_channels: int = 4
+    steps: int = 4
+    multiplier: int = 4
+    partial_channels: int = 1
+    edge_normalization: bool = False
+    epochs: int = 4
+    batch_size: int = 32
+    train_limit: int = 640
+    val_limit: int = 640
+    order: int = 1
+    w_lr: float = 0.025
+    w_lr_min: float = 0.001
+    w_momentum: float = 0.9
+    w_weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    a_lr: float = 3e-4
+    a_weight_decay: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> "SearchConfig":
+        if self.metric not in SEARCH_METRICS:
+            raise ConfigError(f"unknown metric {self.metric!r}; known: {', '.join(SEARCH_METRICS)}")
+        if self.order not in (1, 2):
+            raise ConfigError(f"order must be 1 or 2, got {self.order}")
+        if self.bound not in ("ibp", "crown-ibp", "crown"):
+            raise ConfigError(f"search bound must be ibp, crown-ibp or crown, got {self.bound!r}")
+        for name in ("layers", "init_channels", "epochs", "batch_size", "partial_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gamma < 0 or self.eps < 0:
+            raise ConfigError("gamma and eps must be >= 0")
+        return self
+
+    def metric_config(self) -> MetricConfig:
+        return MetricConfig(eps=self.eps, norm=self.norm, bound=self.bound, clb_form=self.clb_form,
+                            jacobian_projections=self.jacobian_projections, radius_max=self.radius_max,
+                            radius_steps=self.radius_steps)
+
+
+def build_supernet(config: SearchConfig, info) -> SearchNetwork:
+    return SearchNetwork(C=config.init_channels, num_classes=info.num_classes, layers=config.layers,
+                         in_channels=info.in_channels, steps=config.steps, multiplier=config.multiplier,
+                         mean=info.mean, std=info.std, partial_channels=config.partial_channels,
+                         edge_normalization=config.edge_normalization)
+
+
+class Searcher:
+    """Holds the supernet, optimisers and step functions of one search."""
+
+    def __init__(self, config: SearchConfig, info):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.net = build_supernet(config, info).to(self.device)
+        self.w_opt = torch.optim.SGD(self.net.weight_parameters(), config.w_lr, momentum=config.w_momentum,
+                                     weight_decay=config.w_weight_decay)
+        self.a_opt = torch.optim.Adam(self.net.arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
+                                      weight_decay=config.a_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, config.epochs, eta_min=config.w_lr_min)
+        self.metric_name = config.metric if config.metric in METRICS else "none"
+        self.metric_config = config.metric_config()
+
+    # -- the architecture objective -------------------------------------------------------------
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        value, details = robustness(self.metric_name, self.net, x, y, self.metric_config)
+        objective = loss - self.config.gamma * value
+        details = {"val_loss": loss.item(), "val_acc": (logits.argmax(1) == y).float().mean().item(),
+                   "R": float(value.detach()), **details}
+        return objective, details
+
+    def arch_step(self, x_val, y_val, x_train, y_train) -> Dict[str, float]:
+        self.a_opt.zero_grad(set_to_none=True)
+        if self.config.order == 1:
+            objective, details = self.arch_objective(x_val, y_val)
+            objective.backward()
+        else:
+            details = self._unrolled_arch_gradient(x_val, y_val, x_train, y_train)
+        for p in self.net.weight_parameters():
+            p.grad = None
+        self.a_opt.step()
+        return details
+
+    def _unrolled_arch_gradient(self, x_val, y_val, x_train, y_train) -> Dict[str, float]:
+        """Second-order DARTS: grad_a J(w', a) - xi * HVP, w' = w - xi grad_w L_train(w, a)."""
+        weights = list(self.net.weight_parameters())
+        arch = self.net.arch_parameters()
+        xi = self.w_opt.param_groups[0]["lr"]
+        original = [w.detach().clone() for w in weights]
+        train_loss = F.cross_entropy(self.net(x_train), y_train)
+        grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                if g is not None:
+                    w.sub_(xi * g)
+        objective, details = self.arch_objective(x_val, y_val)
+        grads = torch.autograd.grad(objective, arch + weights, allow_unused=True)
+        arch_grads, weight_grads = grads[:len(arch)], grads[len(arch):]
+        weight_grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, weight_grads)]
+        scale = 0.01 / torch.cat([g.flatten() for g in weight_grads]).norm().clamp_min(1e-12)
+        hvp = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for w, w0, g in zip(weights, original, weight_grads):
+                    w.copy_(w0 + sign * scale * g)
+            loss = F.cross_entropy(self.net(x_train), y_train)
+            hvp.append(torch.autograd.grad(loss, arch))
+        with torch.no_grad():
+            for w, w0 in zip(weights, original):
+                w.copy_(w0)
+        for a, g, plus, minus in zip(arch, arch_grads, *hvp):
+            g = torch.zeros_like(a) if g is None else g
+            a.grad = g - xi * (plus - minus) / (2 * scale)
+        return details
+
+    # -- the weight step ------------------------------------------------------------------------
+    def weight_step(self, x, y) -> Dict[str, float]:
+        perturbation = self._sdarts_perturbation(x, y) if self.config.metric == "sdarts-adv" else None
+        if perturbation is not None:
+            with torch.no_grad():
+                for a, d in zip(self.net.arch_parameters(), perturbation):
+                    a.add_(d)
+        self.w_opt.zero_grad(set_to_none=True)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(list(self.net.weight_parameters()), self.config.grad_clip)
+        self.w_opt.step()
+        if perturbation is not None:
+            with torch.no_grad():
+                for a, d in zip(self.net.arch_parameters(), perturbation):
+                    a.sub_(d)
+        for a in self.net.arch_parameters():
+            a.grad = None
+        return {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()}
+
+    def _sdarts_perturbation(self, x, y) -> List[torch.Tensor]:
+        """PGD on the architecture parameters within an L-inf ball of radius sdarts_epsilon,
+        maximising the training loss."""
+        epsilon, steps = self.config.sdarts_epsilon, self.config.sdarts_steps
+        arch = self.net.arch_parameters()
+        deltas = [torch.empty_like(a).uniform_(-epsilon, epsilon) for a in arch]
+        for _ in range(steps):
+            with torch.no_grad():
+                for a, d in zip(arch, deltas):
+                    a.add_(d)
+            loss = F.cross_entropy(self.net(x), y)
+            grads = torch.autograd.grad(loss, arch)
+            with torch.no_grad():
+                for a, d, g in zip(arch, deltas, grads):
+                    a.sub_(d)
+                    d.add_(2.5 * epsilon / steps * g.sign()).clamp_(-epsilon, epsilon)
+        return deltas
+
+    def adversarial(self, x, y) -> torch.Tensor:
+        return PGD(self.net, self.config.eps, self.config.norm, steps=self.config.pgd_steps)(x, y)
+
+
+def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict:
+    """Run (or resume) a search into ``out``; returns the final record (genotype and settings)."""
+    config.validate()
+    out = prepare_run_folder(Path(out), resume=resume, force=force)
+    if resume:
+        saved = (out / "config.json").read_text()
+        if saved.strip() and _load_config(saved) != config:
+            raise ConfigError(f"--resume: the settings differ from those saved in {out / 'config.json'}")
+    seed_everything(config.seed)
+    splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
+                       image_size=config.image_size)
+    searcher = Searcher(config, splits.info)
+    atomic_write_json(out / "config.json", asdict(config))
+    atomic_write_json(out / "environment.json", environment())
+    train_count = min(len(splits.train), config.train_limit or len(splits.train))
+    batches = math.ceil(train_count / config.batch_size)
+    device = searcher.device
+    arch_history: List[Dict] = []
+
+    def epoch_fn(epoch: int, progress) -> Dict[str, float]:
+        searcher.net.train()
+        train_order = epoch_batches(splits.train, config.batch_size, config.seed, epoch, config.train_limit)
+        val_order = epoch_batches(splits.val, config.batch_size, config.seed + 7919, epoch, config.val_limit)
+        sums: Dict[str, float] = {}
+        for step, index in enumerate(train_order):
+            x, y = collate(splits.train, index, device)
+            xv, yv = collate(splits.val, val_order[step % len(val_order)], device)
+            if config.metric == "pgd":
+                x, xv = searcher.adversarial(x, y), searcher.adversarial(xv, yv)
+            row = {**searcher.arch_step(xv, yv, x, y), **searcher.weight_step(x, y)}
+            for key, value in row.items():
+                sums[key] = sums.get(key, 0.0) + value
+            progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.2f}", R=f"{row['R']:.3g}")
+            progress.update()
+        searcher.scheduler.step()
+        means = {key: round(value / len(train_order), 6) for key, value in sums.items()}
+        means["arch_entropy"] = round(arch_entropy(searcher.net), 6)
+        with torch.no_grad():
+            for cell, reduction in (("normal", False), ("reduce", True)):
+                mean_weight = searcher.net.mixing_weights(reduction).mean(dim=0)
+                for name, value in zip(searcher.net.primitives, mean_weight.tolist()):
+                    means[f"w_{cell}_{name}"] = round(value, 6)
+        means["lr"] = searcher.w_opt.param_groups[0]["lr"]
+        return means
+
+    def after_epoch(epoch, row):
+        genotype = searcher.net.genotype()
+        row["genotype"] = genotype.to_json()
+        return {}
+
+    state = {"model": searcher.net, "w_opt": searcher.w_opt, "a_opt": searcher.a_opt, "scheduler": searcher.scheduler}
+    history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,
+                         batches_per_epoch=batches, after_epoch=after_epoch, description="search", quiet=quiet)
+    genotype = searcher.net.genotype()
+    record = {**genotype.to_dict(), "arch_weights": arch_weights(searcher.net), "settings": asdict(config),
+              "seed": config.seed, "versions": environment(), "epochs_completed": len(history)}
+    atomic_write_json(out / "genotype.json", record)
+    from certnas.plots import plot_arch_history, plot_genotype
+    plot_genotype(genotype, out / "cells.png")
+    plot_arch_history(history, searcher.net.primitives, out / "arch_weights.png")
+    return record
+
+
+def _load_config(text: str) -> SearchConfig:
+    import json
+    from certnas.config import from_dict
+    return from_dict(SearchConfig, json.loads(text))
+
+
+def arch_weights(net: SearchNetwork) -> Dict[str, List[List[float]]]:
+    weights = {"normal": net.mixing_weights(False).tolist(), "reduce": net.mixing_weights(True).tolist(),
+               "primitives": list(net.primitives)}
+    if net.edge_normalization:
+        weights["edge_normal"] = net.edge_weights(False).tolist()
+        weights["edge_reduce"] = net.edge_weights(True).tolist()
+    return weights
+
+
+def arch_entropy(net: SearchNetwork) -> float:
+    """Mean entropy (nats) of the per-edge operation distributions, both cell types."""
+    with torch.no_grad():
+        total = []
+        for reduction in (False, True):
+            w = net.mixing_weights(reduction)
+            total.append(-(w * w.clamp_min(1e-12).log()).sum(dim=1))
+        return torch.cat(total).mean().item()
