@@ -78,7 +78,27 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors as one line, ``certnas: error: ...``, exit code 2 (no usage dump)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            message = error.format_message()
+            if error.ctx is not None and error.ctx.command is not self and "--help" not in message:
+                message += f" (see 'certnas {error.ctx.command.name} --help')"
+            click.echo(f"certnas: error: {message}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("certnas: aborted", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="certnas")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
@@ -100,6 +120,10 @@ def main(ctx, verbose, quiet):
               help="Bound method of the clb metric.")
 @click.option("--clb-form", type=click.Choice(["margin", "radius"]), default="margin", show_default=True,
               help="clb as the mean certified margin at eps, or the mean certified radius (implicit gradient).")
+@click.option("--clb-scale", type=click.Choice(["log", "linear"]), default="log", show_default=True,
+              help="R from margin bounds m: log = sign(m) log(1+|m|) (default), linear = the paper's mean m.")
+@click.option("--metric-samples", type=int, default=8, show_default=True,
+              help="Samples of each validation batch R is computed on (0: the whole batch).")
 @click.option("--jacobian-projections", type=int, default=0, show_default=True,
               help="0: exact Jacobian term (K backward passes); M: estimate from M random classes.")
 @click.option("--layers", type=int, default=3, show_default=True, help="Cells in the supernet (paper: 8).")
@@ -120,13 +144,14 @@ def main(ctx, verbose, quiet):
 @click.pass_context
 @_fail_cleanly
 def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, gamma, bound, clb_form,
-           jacobian_projections, layers, init_channels, epochs, batch_size, train_limit, val_limit,
+           clb_scale, metric_samples, jacobian_projections, layers, init_channels, epochs, batch_size, train_limit, val_limit,
            partial_channels, edge_normalization, order, out, resume, force):
     """Differentiable architecture search maximising certified robustness."""
     from certnas.search import SearchConfig, search as run_search
     _check_device(device)
     config = SearchConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
                           metric=metric, gamma=gamma, bound=bound, eps=eps, norm=norm, clb_form=clb_form,
+                          clb_scale=clb_scale, metric_samples=metric_samples,
                           jacobian_projections=jacobian_projections, layers=layers, init_channels=init_channels,
                           epochs=epochs, batch_size=batch_size, train_limit=train_limit, val_limit=val_limit,
                           partial_channels=partial_channels, edge_normalization=edge_normalization,

@@ -25,14 +25,14 @@ def parse_eps(text: Any) -> float:
         raw = str(text).strip()
         try:
             if "/" in raw:
-                numerator, denominator = raw.split("/", 1)
-                if float(denominator) == 0:
-                    raise ConfigError(f"eps {raw!r}: division by zero")
-                value = float(Fraction(numerator.strip()) / Fraction(denominator.strip()))
+                numerator, denominator = (Fraction(part.strip()) for part in raw.split("/", 1))
             else:
-                value = float(raw)
+                numerator, denominator = Fraction(raw), Fraction(1)
         except (ValueError, ZeroDivisionError):
             raise ConfigError(f"eps {raw!r} is not a number or fraction like 2/255") from None
+        if denominator == 0:
+            raise ConfigError(f"eps {raw!r}: division by zero")
+        value = float(numerator / denominator)
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise ConfigError(f"eps must be a finite number >= 0, got {text!r}")
     return value

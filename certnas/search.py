@@ -45,6 +45,8 @@ class SearchConfig:
     eps: float = 0.01
     norm: str = "inf"
     clb_form: str = "margin"
+    clb_scale: str = "log"
+    metric_samples: int = 8
     jacobian_projections: int = 0
     radius_max: float = 0.3
     radius_steps: int = 8
@@ -82,12 +84,16 @@ class SearchConfig:
         for name in ("layers", "init_channels", "epochs", "batch_size", "partial_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gamma < 0 or self.eps < 0:
-            raise ConfigError("gamma and eps must be >= 0")
+        if self.gamma < 0 or self.eps < 0 or self.metric_samples < 0:
+            raise ConfigError("gamma, eps and metric_samples must be >= 0")
+        if self.clb_scale not in ("log", "linear"):
+            raise ConfigError(f"clb_scale must be log or linear, got {self.clb_scale!r}")
+        if self.clb_form not in ("margin", "radius"):
+            raise ConfigError(f"clb_form must be margin or radius, got {self.clb_form!r}")
         return self
 
     def metric_config(self) -> MetricConfig:
-        return MetricConfig(eps=self.eps, norm=self.norm, bound=self.bound, clb_form=self.clb_form,
+        return MetricConfig(eps=self.eps, norm=self.norm, bound=self.bound, clb_form=self.clb_form, clb_scale=self.clb_scale,
                             jacobian_projections=self.jacobian_projections, radius_max=self.radius_max,
                             radius_steps=self.radius_steps)
 
@@ -118,7 +124,9 @@ class Searcher:
     def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        value, details = robustness(self.metric_name, self.net, x, y, self.metric_config)
+        # R is estimated on the first metric_samples samples of the batch (0: all of it).
+        n = self.config.metric_samples or len(x)
+        value, details = robustness(self.metric_name, self.net, x[:n], y[:n], self.metric_config)
         objective = loss - self.config.gamma * value
         details = {"val_loss": loss.item(), "val_acc": (logits.argmax(1) == y).float().mean().item(),
                    "R": float(value.detach()), **details}

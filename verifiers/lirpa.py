@@ -258,17 +258,27 @@ def _patch_self_reload(bounded_module_cls: type) -> None:
     bounded_module_cls.load_state_dict = load_state_dict
 
 
-_patch_numpy_arraysetops()
-_patch_onnx_helpers()
-_patch_node_getitem()
-
+import logging  # noqa: E402
 import warnings  # noqa: E402
 
+# auto_LiRPA imports torch.utils.cpp_extension for an optional CUDA kernel, which logs a warning on
+# machines without a CUDA toolkit; the torch.onnx internals warn that torch.jit.script is
+# deprecated. Both are noise for users of certnas.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 with warnings.catch_warnings():
-    # 0.3 calls the deprecated torch.jit.script at import; the warning is noise for users.
     warnings.simplefilter("ignore")
+    # 11. auto_LiRPA.utils and bound_general call ``warnings.simplefilter("once")`` at import,
+    #     which would override this guard and change the warning filters of the whole process.
+    #     The call is disabled while importing (catch_warnings restores the filters after).
+    #     Covered by test_import_changes_no_warning_filters.
+    _simplefilter = warnings.simplefilter
+    warnings.simplefilter = lambda *args, **kwargs: None
+    _patch_numpy_arraysetops()
+    _patch_onnx_helpers()
+    _patch_node_getitem()
     import auto_LiRPA  # noqa: E402  (must follow the patches above)
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
+    warnings.simplefilter = _simplefilter
 
 from auto_LiRPA.operators.bivariate import BoundMul  # noqa: E402
 from auto_LiRPA.operators.constant import BoundConstant  # noqa: E402

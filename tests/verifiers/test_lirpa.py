@@ -67,3 +67,14 @@ def test_first_bound_call_keeps_earlier_graphs_usable():
     bound = margin_lower_bound(net, x, y, 0.01, method="crown-ibp")
     (loss - bound.mean()).backward()
     assert net.arch.grad is not None
+
+
+def test_import_changes_no_warning_filters():
+    import subprocess
+    import sys
+    code = ("import warnings, torch, torch.onnx; before = list(warnings.filters); import verifiers.lirpa; "
+            "assert list(warnings.filters) == before, 'filters changed'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=__import__("pathlib").Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr

@@ -1,0 +1,76 @@
+"""Time of one search step (architecture step + weight step) per metric, as a ratio to
+``--metric none``, measured side by side on the same supernet and batches.
+
+    python -m benchmarks.bench_search [--device cuda] [--repeats 5]
+
+Targets (issue 3): clb (crown-ibp) <= 3x, jacobian <= 2x.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import environment, interleaved_medians, write_json
+from certnas.data import INFO
+from certnas.search import Searcher, SearchConfig
+
+VARIANTS = {
+    "none": {"metric": "none"},
+    "clb crown-ibp": {"metric": "clb", "bound": "crown-ibp"},
+    "clb ibp": {"metric": "clb", "bound": "ibp"},
+    "jacobian exact": {"metric": "jacobian"},
+    "jacobian M=1": {"metric": "jacobian", "jacobian_projections": 1},
+    "combined": {"metric": "combined"},
+}
+TARGETS = {"clb crown-ibp": 3.0, "jacobian exact": 2.0, "jacobian M=1": 2.0}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=SearchConfig.layers)
+    parser.add_argument("--init-channels", type=int, default=SearchConfig.init_channels)
+    parser.add_argument("--batch-size", type=int, default=SearchConfig.batch_size)
+    parser.add_argument("--metric-samples", type=int, default=SearchConfig.metric_samples)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_search.json")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    base = SearchConfig(layers=args.layers, init_channels=args.init_channels, batch_size=args.batch_size,
+                        metric_samples=args.metric_samples, device=args.device)
+    info = INFO["mnist-embedded"]
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch_size, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    tasks = {}
+    for name, change in VARIANTS.items():
+        torch.manual_seed(0)
+        searcher = Searcher(replace(base, **change), info)
+
+        def step(searcher=searcher):
+            searcher.arch_step(x, y, x, y)
+            searcher.weight_step(x, y)
+        tasks[name] = step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    medians = interleaved_medians(tasks, args.repeats, args.warmup, sync)
+    rows = [{"metric": name, "seconds": round(t, 4), "ratio": round(t / medians["none"], 2), "target": TARGETS.get(name)}
+            for name, t in medians.items()]
+    print(f"search step: {args.layers} cells, {args.init_channels} channels, batch {args.batch_size}, "
+          f"R on {args.metric_samples or args.batch_size} samples, device {device}, {args.repeats} interleaved repeats (median)")
+    print(f"{'metric':<16} {'seconds':>8} {'x none':>7} {'target':>7}")
+    for row in rows:
+        target = f"<= {row['target']:g}" if row["target"] else ""
+        print(f"{row['metric']:<16} {row['seconds']:>8.3f} {row['ratio']:>7.2f} {target:>7}")
+    write_json(args.out, {"benchmark": "bench_search", "settings": {k: str(v) for k, v in vars(args).items()},
+                          "rows": rows, "environment": environment()})
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

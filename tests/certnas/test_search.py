@@ -1,0 +1,110 @@
+"""The search runs for every metric, is reproducible, resumes exactly, and writes its files."""
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from certnas import search as search_module
+from certnas.config import ConfigError
+from certnas.io import load_file
+from certnas.runs import RunFolderError
+from certnas.search import SearchConfig, search
+from certnas.space.genotype import Genotype
+
+TINY = SearchConfig(layers=3, init_channels=4, steps=2, multiplier=2, batch_size=8, train_limit=16, val_limit=16, epochs=2,
+                    metric_samples=4, bound="ibp", metric="clb")
+
+
+def test_search_writes_genotype_history_checkpoint_and_pictures(tmp_path):
+    record = search(TINY, tmp_path / "run", quiet=True)
+    out = tmp_path / "run"
+    genotype = Genotype.from_dict(json.loads((out / "genotype.json").read_text()))
+    assert genotype == Genotype.from_dict(record)
+    saved = json.loads((out / "genotype.json").read_text())
+    assert saved["settings"]["metric"] == "clb" and saved["seed"] == 0 and "torch" in saved["versions"]
+    assert len(saved["arch_weights"]["normal"]) == 5  # edges of a 2-node cell
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for column in ("train_loss", "val_acc", "R", "clb_margin", "arch_entropy", "seconds"):
+        assert column in rows[0]
+    tensors, meta = load_file(out / "checkpoint.pt", kind="checkpoint")
+    assert meta["epoch"] == 1 and "arch_normal" in tensors["model"]
+    for picture in ("cells.png", "arch_weights.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_gives_the_same_architecture_weights(tmp_path):
+    a = search(TINY, tmp_path / "a", quiet=True)
+    b = search(TINY, tmp_path / "b", quiet=True)
+    c = search(replace(TINY, seed=1), tmp_path / "c", quiet=True)
+    assert a["arch_weights"] == b["arch_weights"]
+    assert a["arch_weights"] != c["arch_weights"]
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    reference = search(TINY, tmp_path / "full", quiet=True)
+    calls = {"n": 0}
+    original = search_module.Searcher.weight_step
+
+    def crash_in_second_epoch(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2, first batch: after one checkpoint
+            raise KeyboardInterrupt
+        return original(self, x, y)
+
+    monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        search(TINY, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(search_module.Searcher, "weight_step", original)
+    assert not (tmp_path / "cut" / "genotype.json").exists()
+    resumed = search(TINY, tmp_path / "cut", resume=True, quiet=True)
+    assert resumed["arch_weights"] == reference["arch_weights"]
+    assert resumed["normal"] == reference["normal"] and resumed["reduce"] == reference["reduce"]
+
+
+def test_non_empty_output_is_refused_without_resume_or_force(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not empty"):
+        search(TINY, tmp_path / "run", quiet=True)
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        search(TINY, tmp_path / "run", resume=True, quiet=True)
+
+
+def test_resume_with_different_settings_is_refused(tmp_path):
+    search(replace(TINY, epochs=1), tmp_path / "run", quiet=True)
+    with pytest.raises(ConfigError, match="settings differ"):
+        search(replace(TINY, epochs=1, gamma=0.5), tmp_path / "run", resume=True, quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [
+    {"metric": "none"}, {"metric": "clb", "bound": "crown-ibp"}, {"metric": "clb", "clb_form": "radius"},
+    {"metric": "clb", "clb_scale": "linear"}, {"metric": "jacobian"}, {"metric": "jacobian", "jacobian_projections": 2},
+    {"metric": "combined"}, {"metric": "sdarts-adv", "sdarts_steps": 2}, {"metric": "pgd", "pgd_steps": 2},
+    {"metric": "clb", "order": 2}, {"metric": "clb", "partial_channels": 2, "edge_normalization": True},
+    {"metric": "clb", "norm": "2", "eps": 0.1},
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_every_metric_and_option_runs_an_epoch(tmp_path, change):
+    config = replace(TINY, epochs=1, train_limit=8, val_limit=8, **change)
+    record = search(config, tmp_path / "run", quiet=True)
+    Genotype.from_dict(record)
+    row = next(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert all(v != "nan" for v in row.values())
+
+
+def test_architecture_weights_move_with_the_metric(tmp_path):
+    """R contributes to the architecture gradient: with gamma = 0 and gamma > 0 the runs differ."""
+    base = replace(TINY, epochs=1)
+    with_r = search(replace(base, gamma=1.0), tmp_path / "a", quiet=True)
+    without = search(replace(base, gamma=0.0), tmp_path / "b", quiet=True)
+    assert with_r["arch_weights"] != without["arch_weights"]
+
+
+@pytest.mark.parametrize("change,message", [({"metric": "fgsm"}, "unknown metric"), ({"order": 3}, "order must be"),
+                                            ({"bound": "alpha-crown"}, "search bound"), ({"layers": 0}, "layers must be")])
+def test_invalid_settings_are_refused(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        search(replace(TINY, **change), tmp_path / "run", quiet=True)
