@@ -30,10 +30,10 @@ def plot_genotype(genotype: Genotype, path: Path) -> None:
     for ax, (title, edges, concat) in zip(axes, (("normal cell", genotype.normal, genotype.normal_concat),
                                                  ("reduction cell", genotype.reduce, genotype.reduce_concat))):
         steps = len(edges) // 2
-        position = {0: (0.0, 1.0), 1: (0.0, -1.0)}
+        position = {0: (-1.0, 1.0), 1: (-1.0, -1.0)}
         for node in range(steps):
-            position[node + 2] = (1.0 + node, 1.5 - 3.0 * node / max(steps - 1, 1))
-        position["out"] = (steps + 1.0, 0.0)
+            position[node + 2] = (1.0 + 1.2 * node, 1.5 - 3.0 * node / max(steps - 1, 1))
+        position["out"] = (1.2 * steps + 1.0, 0.0)
         labels = {0: "c_{k-2}", 1: "c_{k-1}", "out": "c_{k}"}
         for index, (op, source) in enumerate(edges):
             target = index // 2 + 2
@@ -51,7 +51,7 @@ def plot_genotype(genotype: Genotype, path: Path) -> None:
             ax.text(x, y, labels.get(node, str(node)), ha="center", va="center", fontsize=9,
                     bbox=dict(boxstyle="circle", fc="lightyellow" if node in (0, 1, "out") else "lightblue"))
         ax.set_title(title)
-        ax.set_xlim(-0.6, steps + 1.6)
+        ax.set_xlim(-1.6, 1.2 * steps + 1.6)
         ax.set_ylim(-2.0, 2.0)
         ax.axis("off")
     _save(fig, path)
@@ -68,6 +68,7 @@ def plot_arch_history(history: List[Dict], primitives: Sequence[str], path: Path
                 ax.plot(epochs, [row[key] for row in history], marker="o", ms=3, label=name)
         ax.set_title(f"{cell} cell")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean operation weight")
     axes[1].legend(fontsize=7, loc="best")

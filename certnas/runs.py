@@ -162,7 +162,8 @@ def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
         save_file(checkpoint, "checkpoint", tensors, {"epoch": epoch, "history": history})
         write_history(Path(out) / "history.csv", history)
         if not quiet:
-            summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "seconds")
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                if isinstance(v, float) and k != "seconds" and not k.startswith("w_"))
             tqdm.write(f"{description} {epoch + 1}/{epochs}: {summary} ({row['seconds']:.0f} s)")
     return history
 
