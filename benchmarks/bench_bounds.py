@@ -3,8 +3,10 @@
 Measured side by side in one run (the methods take turns): forward + backward of
 ``margin_lower_bound(...).mean()`` against forward + backward of the cross-entropy loss, on a
 supernet with every operation on every edge (default: 5 cells, 8 channels, 28x28 inputs,
-batch 32, training mode as during search). Memory is reported as the bytes autograd saves for the
-backward pass (and the CUDA peak on a GPU).
+batch 16, training mode as during search). Memory is reported as the bytes autograd saves for the
+backward pass (and the CUDA peak on a GPU). At batch 32 one CROWN-IBP margin bound alone peaked at
+20 GB resident on the 24 GB development machine and the interleaved run was killed for memory,
+hence batch 16 by default (``--batch 32`` on a larger machine).
 
     python -m benchmarks.bench_bounds [--device cuda] [--repeats 5]
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import environment, interleaved_medians, saved_tensor_bytes, write_json
+from benchmarks.common import environment, interleaved_medians, print_table, saved_tensor_bytes, write_json
 from certnas.space.supernet import SearchNetwork
 from verifiers.bounds import margin_lower_bound
 
@@ -31,7 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cells", type=int, default=5)
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eps", type=float, default=2 / 255)
     parser.add_argument("--methods", default="ibp,crown-ibp")
     parser.add_argument("--repeats", type=int, default=5)
@@ -81,10 +83,8 @@ def main(argv=None) -> dict:
                      "cuda_peak_MiB": round(cuda_peak[name] / 2**20, 1) if cuda_peak else None})
     print(f"supernet: {args.cells} cells, {args.channels} channels, {args.size}x{args.size}, batch {args.batch}, "
           f"eps {args.eps:.4g}, device {device}, {args.repeats} interleaved repeats (median)")
-    print(f"{'method':<10} {'seconds':>8} {'x plain':>8} {'target':>7} {'saved MiB':>10}")
-    for row in rows:
-        target = f"<= {row['target']:g}" if row["target"] else ""
-        print(f"{row['method']:<10} {row['seconds']:>8.3f} {row['ratio']:>8.2f} {target:>7} {row['saved_MiB']:>10.1f}")
+    print_table(rows, [("method", "method", ""), ("seconds", "seconds", ".3f"), ("ratio", "x plain", ".2f"),
+                       ("target", "target", "g"), ("saved_MiB", "saved MiB", ".1f")])
     record = {"benchmark": "bench_bounds", "settings": vars(args) | {"out": str(args.out)}, "rows": rows,
               "environment": environment()}
     write_json(args.out, record)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, interleaved_medians, write_json
+from benchmarks.common import environment, interleaved_medians, print_table, write_json
 from certnas.data import INFO
 from certnas.search import Searcher, SearchConfig
 
@@ -63,10 +63,8 @@ def main(argv=None) -> dict:
             for name, t in medians.items()]
     print(f"search step: {args.layers} cells, {args.init_channels} channels, batch {args.batch_size}, "
           f"R on {args.metric_samples or args.batch_size} samples, device {device}, {args.repeats} interleaved repeats (median)")
-    print(f"{'metric':<16} {'seconds':>8} {'x none':>7} {'target':>7}")
-    for row in rows:
-        target = f"<= {row['target']:g}" if row["target"] else ""
-        print(f"{row['metric']:<16} {row['seconds']:>8.3f} {row['ratio']:>7.2f} {target:>7}")
+    print_table(rows, [("metric", "metric", ""), ("seconds", "seconds", ".3f"), ("ratio", "x none", ".2f"),
+                       ("target", "target", "g")])
     write_json(args.out, {"benchmark": "bench_search", "settings": {k: str(v) for k, v in vars(args).items()},
                           "rows": rows, "environment": environment()})
     return {"rows": rows}

@@ -1,30 +1,15 @@
-"""Shared helpers for benchmarks: interleaved timing, memory, environment record, atomic JSON."""
+"""Shared helpers for benchmarks: interleaved timing, memory, a table printer (environment record and
+atomic JSON come from certnas.runs)."""
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-
-def environment() -> Dict[str, str]:
-    """Versions, device and git commit, recorded beside every result."""
-    from verifiers.lirpa import AUTO_LIRPA_VERSION
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"python": platform.python_version(), "torch": torch.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION,
-            "machine": platform.machine(), "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "git_commit": commit}
+from certnas.runs import atomic_write_json as write_json  # noqa: F401  (re-exported for benchmarks)
+from certnas.runs import environment  # noqa: F401
 
 
 def interleaved_medians(tasks: Dict[str, Callable[[], None]], repeats: int, warmup: int,
@@ -62,10 +47,14 @@ def saved_tensor_bytes(task: Callable[[], torch.Tensor]) -> int:
     return total
 
 
-def write_json(path: Path, record: dict) -> None:
-    """Write atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(record, handle, indent=2)
-        temp = handle.name
-    os.replace(temp, path)
+def print_table(rows: List[dict], columns: List[Tuple[str, str, str]]) -> None:
+    """Print rows as aligned columns: (key, header, format) per column; None prints as blank."""
+    widths = [max(len(header), 8) for _, header, _ in columns]
+    print("  ".join(f"{header:>{w}}" if i else f"{header:<16}" for i, ((_, header, _), w) in enumerate(zip(columns, widths))))
+    for row in rows:
+        cells = []
+        for i, ((key, _, fmt), w) in enumerate(zip(columns, widths)):
+            value = row.get(key)
+            text = "" if value is None else format(value, fmt)
+            cells.append(f"{text:>{w}}" if i else f"{text:<16}")
+        print("  ".join(cells))

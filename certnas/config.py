@@ -6,7 +6,7 @@ import difflib
 import json
 import math
 from fractions import Fraction
-from typing import Any, Dict, Mapping, Optional, Type, TypeVar
+from typing import Any, Mapping, Optional, Type, TypeVar
 
 from verifiers.errors import CertnasError
 

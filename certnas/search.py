@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -22,7 +22,7 @@ from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.data import load_data
 from certnas.metrics import METRICS, MetricConfig, robustness
-from certnas.runs import (atomic_write_json, atomic_write_text, collate, environment, epoch_batches,
+from certnas.runs import (atomic_write_json, collate, environment, epoch_batches,
                           prepare_run_folder, run_epochs, seed_everything)
 from certnas.space.supernet import SearchNetwork
 
@@ -236,7 +236,6 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
     train_count = min(len(splits.train), config.train_limit or len(splits.train))
     batches = math.ceil(train_count / config.batch_size)
     device = searcher.device
-    arch_history: List[Dict] = []
 
     def epoch_fn(epoch: int, progress) -> Dict[str, float]:
         searcher.net.train()

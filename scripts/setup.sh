@@ -23,5 +23,6 @@ echo "certnas: installing into $VENV (torch, auto-LiRPA 0.3 --no-deps, certnas)"
 # auto-LiRPA 0.3 declares torch<1.13; install it without its dependency pins.
 "$PY" -m pip install -q --no-deps auto-LiRPA==0.3
 "$PY" -m pip install -q -e ".[test]"
+echo "certnas: (pip's note that auto-lirpa 0.3 wants torch<1.13 is expected: it runs on torch 2 with the patches in verifiers/lirpa.py)" >&2
 "$PY" -c "import certnas, verifiers.lirpa" 2>/dev/null
 echo "$want" > "$stamp"

@@ -251,10 +251,22 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
     if not bounded._certnas_checked:
         _check_graph(bounded, model)
         bounded._certnas_checked = True
+    _release(bounded)
     if method is BoundMethod.ALPHA_CROWN:
         lower = lower.detach()
         upper = upper.detach() if upper is not None else None
     return lower, upper
+
+
+def _release(bounded: "lirpa.BoundedModule") -> None:
+    """Drop the per-call tensors auto_LiRPA leaves on every node (intermediate bounds, forward
+    values, coefficient matrices). The cached wrapper would otherwise hold them, and the graphs
+    they reference, until the next call: gigabytes on a supernet (the bound benchmark ran out of
+    24 GB of memory). The returned bounds keep their own graph."""
+    for node in bounded._modules.values():
+        for name in ("lower", "upper", "interval", "forward_value", "lA", "uA", "linear", "d", "lower_d"):
+            if name in node.__dict__:
+                delattr(node, name)
 
 
 def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper):

@@ -4,7 +4,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from certnas import search as search_module
 from certnas.config import ConfigError
@@ -108,3 +107,15 @@ def test_architecture_weights_move_with_the_metric(tmp_path):
 def test_invalid_settings_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         search(replace(TINY, **change), tmp_path / "run", quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagenet"])
+def test_search_runs_on_test_sized_files_in_the_real_formats(tmp_path, dataset):
+    from tests.certnas.datafiles import write_cifar10, write_imagefolder, write_mnist
+    root = {"mnist": write_mnist, "cifar10": write_cifar10,
+            "imagenet": lambda r: write_imagefolder(r, classes=3, per_class=8)}[dataset](tmp_path / "data")
+    config = replace(TINY, data=dataset, data_root=str(root), image_size=16, epochs=1, train_limit=8, val_limit=8)
+    record = search(config, tmp_path / "run", quiet=True)
+    Genotype.from_dict(record)
+    assert record["settings"]["data"] == dataset

@@ -1,0 +1,26 @@
+"""The benchmark scripts run and write their records (tiny sizes; no timing is asserted)."""
+import json
+
+import pytest
+
+from benchmarks import bench_bounds, bench_search
+
+
+@pytest.mark.slow
+def test_bench_bounds_writes_a_record(tmp_path):
+    out = tmp_path / "bounds.json"
+    bench_bounds.main(["--cells", "3", "--channels", "4", "--size", "8", "--batch", "4", "--repeats", "1",
+                       "--warmup", "0", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [row["method"] for row in record["rows"]] == ["plain", "ibp", "crown-ibp"]
+    assert all(row["seconds"] > 0 and row["saved_MiB"] >= 0 for row in record["rows"])
+    assert record["environment"]["torch"]
+
+
+@pytest.mark.slow
+def test_bench_search_writes_a_record(tmp_path):
+    out = tmp_path / "search.json"
+    bench_search.main(["--layers", "3", "--init-channels", "4", "--batch-size", "4", "--metric-samples", "2",
+                       "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 6

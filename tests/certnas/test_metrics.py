@@ -1,0 +1,69 @@
+"""Robustness metrics: values and gradients."""
+import math
+
+import pytest
+import torch
+
+from certnas.metrics import MetricConfig, input_gradient_norms, metric_clb, metric_jacobian
+from tests.nets import op_net
+from verifiers.radius import certified_radius
+
+
+def _setup():
+    net = op_net("mixed", 1, seed=11).double()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        y = net(x).argmax(1)  # correctly classified: positive radius
+    return net, x, y
+
+
+def test_radius_gradient_matches_finite_differences_of_the_certified_radius():
+    net, x, y = _setup()
+    config = MetricConfig(bound="ibp", clb_form="radius", radius_max=1.0, radius_steps=45)
+    value, details = metric_clb(net, x, y, config)
+    radius = certified_radius(net, x, y, method="ibp", eps_max=1.0, steps=45)
+    assert (radius > 0).all() and value.item() == pytest.approx(radius.mean().item(), rel=1e-9)
+    grad, = torch.autograd.grad(value, net.arch)
+    step = 1e-5
+    numeric = torch.zeros_like(net.arch)
+    with torch.no_grad():
+        for k in range(net.arch.shape[1]):
+            values = []
+            for sign in (1, -1):
+                net.arch[0, k] += sign * step
+                values.append(certified_radius(net, x, y, method="ibp", eps_max=1.0, steps=45).mean().item())
+                net.arch[0, k] -= sign * step
+            numeric[0, k] = (values[0] - values[1]) / (2 * step)
+    assert grad.abs().max() > 0
+    assert torch.allclose(grad, numeric, rtol=2e-2, atol=1e-4 * numeric.abs().max().item()), (grad, numeric)
+
+
+def test_certified_radius_is_certified_and_tight_to_the_bisection_tolerance():
+    net, x, y = _setup()
+    from verifiers.bounds import margin_lower_bound
+    radius = certified_radius(net, x, y, method="crown-ibp", eps_max=1.0, steps=12)
+    assert (margin_lower_bound(net, x, y, radius, method="crown-ibp") > 0).all()
+    assert (margin_lower_bound(net, x, y, radius + 2.0 ** -12, method="crown-ibp") <= 0).all()
+
+
+def test_jacobian_term_is_minus_eps_times_mean_dual_norm():
+    net, x, y = _setup()
+    value, details = metric_jacobian(net, x, y, MetricConfig(eps=0.1, norm="inf"))
+    x_req = x.clone().requires_grad_(True)
+    out = net(x_req)
+    norms = []
+    for k in range(out.shape[1]):
+        g, = torch.autograd.grad(out[:, k].sum(), x_req, retain_graph=True)
+        norms.append(g.flatten(1).abs().sum(1))
+    assert value.item() == pytest.approx(-0.1 * torch.stack(norms, 1).mean().item(), rel=1e-9)
+    assert torch.autograd.grad(value, net.arch)[0].abs().sum() > 0
+
+
+def test_jacobian_projections_estimate_is_unbiased_over_class_draws():
+    net, x, y = _setup()
+    exact = input_gradient_norms(net, x, torch.arange(5), 2.0).mean().item()
+    torch.manual_seed(0)
+    draws = [metric_jacobian(net, x, y, MetricConfig(eps=1.0, norm="2", jacobian_projections=2))[0].item()
+             for _ in range(60)]
+    assert -sum(draws) / len(draws) == pytest.approx(exact, rel=0.1)
+    assert len(set(round(d, 9) for d in draws)) > 1
