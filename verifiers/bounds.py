@@ -152,7 +152,7 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     check_supported_modules(model)
     dummy = torch.zeros((1,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
     target = _ScaledInput(model) if scaled else model
-    args = (dummy, dummy, torch.ones(1, x.shape[1], 1, 1, device=x.device)) if scaled else (dummy,)
+    args = (dummy, dummy, _scale_shape(torch.ones(1, device=x.device, dtype=x.dtype), x)) if scaled else (dummy,)
     was_training = model.training
     model.eval()  # trace in eval mode so batch norm with batch size 1 is well defined
     try:
@@ -170,6 +170,14 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     _link_buffers(bounded, target)
     per_model[key] = (bounded, param_ids, buffer_ids)
     return bounded
+
+
+def _scale_shape(eps_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample radii (B,) shaped to multiply x: (B, C, 1, 1) for images (channel-shaped so that
+    patches-mode coefficients accept it), (B, 1, ...) otherwise."""
+    if x.dim() == 4:
+        return eps_t.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, 1).contiguous()
+    return eps_t.view(-1, *([1] * (x.dim() - 1)))
 
 
 def _link_buffers(bounded: "lirpa.BoundedModule", target: nn.Module) -> None:
@@ -233,9 +241,7 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
         inputs = (lirpa.BoundedTensor(x, perturbation),)
     else:
         z = torch.zeros_like(x)
-        scale = eps_t.view(-1, 1, 1, 1).expand(-1, x.shape[1], 1, 1).contiguous() if x.dim() == 4 \
-            else eps_t.view(-1, *([1] * (x.dim() - 1)))
-        inputs = (lirpa.BoundedTensor(z, lirpa.PerturbationLpNorm(norm=2.0, eps=1.0)), x, scale)
+        inputs = (lirpa.BoundedTensor(z, lirpa.PerturbationLpNorm(norm=2.0, eps=1.0)), x, _scale_shape(eps_t, x))
     if model.training:
         # Training-mode batch norm bounds the function with *this batch's* statistics, which
         # auto_LiRPA 0.3 takes from the last clean forward pass through the wrapper; compute_bounds

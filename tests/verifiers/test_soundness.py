@@ -68,3 +68,15 @@ def test_per_sample_eps_matches_one_sample_at_a_time_for_crown(norm):
     for i in range(3):
         lo, up = compute_bounds(net, x[i:i + 1], float(eps[i]), norm=norm, method="crown")
         assert torch.allclose(lower[i:i + 1], lo, atol=1e-5) and torch.allclose(upper[i:i + 1], up, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-ibp"])
+def test_per_sample_l2_eps_on_flat_inputs(method):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = torch.rand(3, 6)
+    eps = torch.tensor([0.1, 0.3, 0.5])
+    lower, upper = compute_bounds(net, x, eps, norm=2.0, method=method)
+    for i in range(3):
+        lo, up = compute_bounds(net, x[i:i + 1], float(eps[i]), norm=2.0, method=method)
+        assert torch.allclose(lower[i], lo[0], atol=1e-5) and torch.allclose(upper[i], up[0], atol=1e-5)
