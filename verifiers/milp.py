@@ -1,7 +1,8 @@
 """Exact verification of small ReLU networks by mixed-integer linear programming (scipy / HiGHS).
 
 Supported: an ``nn.Sequential`` (nested Sequentials are flattened) of affine layers (Linear,
-Conv2d, eval-mode BatchNorm, Flatten, Identity, and certnas' fixed linear operations) and ReLU.
+Conv2d, eval-mode BatchNorm, Flatten, Identity, and modules that declare ``is_affine = True``) and
+ReLU.
 The L-inf ball intersected with [0, 1] only. This module does not use auto_LiRPA: its big-M
 constants come from its own float64 interval arithmetic, so it is an independent check of the
 bound engine.
@@ -33,10 +34,9 @@ class MilpResult:
 
 
 def _affine_like(module: nn.Module) -> bool:
-    if isinstance(module, _AFFINE_TYPES):
-        return True
-    from certnas.space import ops  # local import: verifiers must not need certnas otherwise
-    return isinstance(module, (ops.AvgPool3x3, ops.GlobalAvgPool, ops.Zero, ops.Identity))
+    """A torch affine layer, or a module that declares ``is_affine = True`` (a fixed linear map
+    plus constant, e.g. certnas' rewritten average pooling)."""
+    return isinstance(module, _AFFINE_TYPES) or getattr(module, "is_affine", False) is True
 
 
 def _flatten(model: nn.Module) -> List[nn.Module]:

@@ -94,12 +94,18 @@ class SepConv(nn.Sequential):
 
 
 class Identity(nn.Module):
+    """``skip_connect`` at stride 1."""
+
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
 class Zero(nn.Module):
     """The ``none`` operation: zeros of shape ``(B, C, H / stride, W / stride)``."""
+
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
 
     def __init__(self, C: int, stride: int):
         super().__init__()
@@ -139,6 +145,8 @@ class AvgPool3x3(nn.Module):
     """3x3 average pooling, padding 1, padded pixels excluded from the average
     (``nn.AvgPool2d(3, stride, 1, count_include_pad=False)``), as a fixed convolution and a
     constant per-position rescale."""
+
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
 
     def __init__(self, C: int, stride: int):
         super().__init__()
@@ -216,6 +224,8 @@ class ChannelMap(nn.Module):
     """A fixed 0/1 channel map ``out[o] = x[source[o]]`` (selection, scatter, permutation) as a 1x1
     convolution; ``source[o] = -1`` leaves output channel o at zero."""
 
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
+
     def __init__(self, in_channels: int, source: list):
         super().__init__()
         weight = torch.zeros(len(source), in_channels, 1, 1)
@@ -230,6 +240,8 @@ class ChannelMap(nn.Module):
 
 class GlobalAvgPool(nn.Module):
     """Mean over H and W, ``(B, C, H, W) -> (B, C)``, as a fixed depthwise convolution."""
+
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels, height, width = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])

@@ -1,5 +1,4 @@
 """Robustness metrics: values and gradients."""
-import math
 
 import pytest
 import torch

@@ -40,3 +40,16 @@ def test_margin_lower_bound_never_exceeds_milp_optimum(kind, seed, eps):
         assert exact.margin <= centre_margin + 1e-6  # the MILP optimum is a real minimum
         for method, bound in bounds.items():
             assert bound[i].item() <= exact.margin + 1e-5 * (1 + abs(exact.margin)), (method, i)
+
+
+def test_milp_encodes_certnas_fixed_linear_ops_exactly():
+    """Average pooling (rewritten), global pooling: the MILP sees the same function as torch."""
+    from certnas.space.ops import AvgPool3x3, GlobalAvgPool
+    from verifiers.milp import relu_layers
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), AvgPool3x3(2, 2), GlobalAvgPool(), nn.Linear(2, 3)).eval()
+    x = torch.rand(1, 8, 8)
+    (w1, b1), (w2, b2) = relu_layers(net, (1, 8, 8))
+    import numpy as np
+    hidden = np.maximum(w1 @ x.double().flatten().numpy() + b1, 0)
+    assert np.allclose(w2 @ hidden + b2, net(x.unsqueeze(0)).detach().double().numpy()[0], atol=1e-6)

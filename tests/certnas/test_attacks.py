@@ -1,0 +1,57 @@
+"""Attacks stay in the ball and in [0, 1], and find known optima."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from certnas.attacks import ATTACKS, PGD
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
+def test_adversarial_examples_stay_in_the_ball_and_in_the_unit_box(name, norm):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(16, 1, 3, 4)
+    y = torch.randint(0, 3, (16,))
+    eps = 0.1 if norm == math.inf else 0.5
+    adv = ATTACKS[name](model, eps, norm, steps=5)(x, y)
+    distance = (adv - x).flatten(1).norm(p=norm, dim=1)
+    assert (distance <= eps + 1e-6).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_eps_zero_changes_nothing():
+    model = _linear()
+    x = torch.rand(8, 1, 3, 4)
+    assert torch.equal(PGD(model, 0.0, steps=3)(x, torch.zeros(8, dtype=torch.long)), x)
+
+
+def test_pgd_reaches_the_closed_form_optimum_on_a_linear_model():
+    """For a linear two-class margin w.x + b, the worst L-inf point is x - eps sign(w) (inside [0, 1])."""
+    model = _linear(2)
+    x = 0.3 + 0.4 * torch.rand(4, 1, 3, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    eps = 0.05
+    adv = PGD(model, eps, steps=20, loss="cw", random_start=False)(x, y)
+    weight = model[1].weight
+    logits = model(adv)
+    with torch.no_grad():
+        margins = []
+        for i in range(4):
+            best = math.inf
+            for j in (1, 2):
+                w = (weight[0] - weight[j]).view(1, 3, 4)
+                worst = x[i] - eps * w.sign()
+                out = model(worst.unsqueeze(0))[0]
+                best = min(best, (out[0] - out[j]).item())
+            margins.append(best)
+    found = (logits[:, 0] - logits[:, 1:].max(dim=1).values).tolist()
+    for got, exact in zip(found, margins):
+        assert got == pytest.approx(exact, abs=1e-4)
