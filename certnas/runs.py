@@ -16,7 +16,6 @@ import random
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -130,12 +129,12 @@ def collate(dataset, index: torch.Tensor, device: torch.device):
 
 def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
                epoch_fn: Callable[[int, tqdm], Dict[str, float]], batches_per_epoch: int,
-               after_epoch: Optional[Callable[[int, Dict[str, Any]], Dict[str, Any]]] = None,
+               after_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None,
                description: str = "epoch", quiet: bool = False) -> List[Dict[str, Any]]:
     """Run ``epoch_fn(epoch, progress)`` for the remaining epochs, checkpointing after each.
 
     state: name -> object with ``state_dict`` / ``load_state_dict`` (model, optimisers,
-    schedulers). ``after_epoch(epoch, row)`` may add columns or extra checkpoint tensors.
+    schedulers). ``after_epoch(epoch, row)`` may add columns to the epoch's history row.
     Returns the history rows.
     """
     checkpoint = Path(out) / "checkpoint.pt"
@@ -154,11 +153,11 @@ def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
                   leave=False, dynamic_ncols=True) as progress:
             row = {"epoch": epoch + 1, **epoch_fn(epoch, progress)}
         row["seconds"] = round(time.time() - began, 2)
-        extra = after_epoch(epoch, row) if after_epoch else {}
+        if after_epoch:
+            after_epoch(epoch, row)
         history.append(row)
         tensors = {name: obj.state_dict() for name, obj in state.items()}
         tensors["rng"] = rng_state()
-        tensors.update(extra or {})
         save_file(checkpoint, "checkpoint", tensors, {"epoch": epoch, "history": history})
         write_history(Path(out) / "history.csv", history)
         if not quiet:
@@ -167,6 +166,3 @@ def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
             tqdm.write(f"{description} {epoch + 1}/{epochs}: {summary} ({row['seconds']:.0f} s)")
     return history
 
-
-def config_record(config) -> Dict[str, Any]:
-    return asdict(config)

@@ -264,9 +264,7 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
         return means
 
     def after_epoch(epoch, row):
-        genotype = searcher.net.genotype()
-        row["genotype"] = genotype.to_json()
-        return {}
+        row["genotype"] = searcher.net.genotype().to_json()
 
     state = {"model": searcher.net, "w_opt": searcher.w_opt, "a_opt": searcher.a_opt, "scheduler": searcher.scheduler}
     history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,

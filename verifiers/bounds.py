@@ -47,10 +47,6 @@ class BoundMethod(str, enum.Enum):
                 "alpha-crown": "CROWN-Optimized"}[self.value]
 
     @property
-    def keeps_gradient(self) -> bool:
-        return self is not BoundMethod.ALPHA_CROWN
-
-    @property
     def conv_mode(self) -> str:
         # Full CROWN computes every intermediate bound by back-substitution. In auto_LiRPA 0.3's
         # "patches" mode those bounds were violated by sampled inputs on depthwise / dilated
