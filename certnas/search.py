@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -93,9 +93,8 @@ class SearchConfig:
         return self
 
     def metric_config(self) -> MetricConfig:
-        return MetricConfig(eps=self.eps, norm=self.norm, bound=self.bound, clb_form=self.clb_form, clb_scale=self.clb_scale,
-                            jacobian_projections=self.jacobian_projections, radius_max=self.radius_max,
-                            radius_steps=self.radius_steps)
+        """The metric's settings, read from the same-named fields of this (flat) config."""
+        return MetricConfig(**{f.name: getattr(self, f.name) for f in fields(MetricConfig)})
 
 
 def build_supernet(config: SearchConfig, info) -> SearchNetwork:

@@ -119,7 +119,7 @@ class _ScaledInput(nn.Module):
         return self.model(centre + scale * z)
 
 
-# model -> {(wrapper kind, input shape, device, dtype): (BoundedModule, parameter ids)}
+# model -> {(scaled, conv mode, input shape, device, dtype): (BoundedModule, parameter ids, buffer ids)}
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
 
 
