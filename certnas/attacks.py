@@ -1,7 +1,8 @@
 """White-box attacks: construct with settings, call with ``(images, labels)``, get adversarial
 images back, always inside the eps ball and inside [0, 1].
 
-FGSM and PGD (L-inf and L2) are this project's own code. Inputs are pixels in [0, 1].
+FGSM and PGD (L-inf and L2) and the C&W-loss PGD are this project's own code; AutoAttack (standard
+version: APGD-CE, APGD-T, FAB-T, Square) comes from ``pyautoattack``. Inputs are pixels in [0, 1].
 """
 from __future__ import annotations
 
@@ -107,8 +108,48 @@ def fgsm(model: nn.Module, eps: float, norm=math.inf) -> PGD:
     return PGD(model, eps, norm, steps=1, step_size=eps, random_start=False)
 
 
+@dataclass
+class AutoAttackAdapter:
+    """AutoAttack (``pyautoattack``) behind the same call shape as ``PGD``. version ``standard``
+    (APGD-CE, APGD-T, FAB-T, Square with 5,000 queries), or ``fast``: APGD-CE and APGD-T only (the
+    Square attack alone costs 5,000 sequential forward passes, minutes per model on a CPU)."""
+    model: nn.Module
+    eps: float
+    norm: float = math.inf
+    seed: int = 0
+    version: str = "standard"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import logging
+        from pyautoattack import AutoAttack
+        norm = parse_norm(self.norm)
+        if self.eps == 0:
+            return x.detach().clone()
+        was_training = self.model.training
+        self.model.eval()
+        logging.getLogger("auto-attack").setLevel(logging.WARNING)
+        try:
+            norm_name = "Linf" if norm == math.inf else "L2"
+            if self.version == "fast":
+                attack = AutoAttack(self.model, eps=float(self.eps), norm=norm_name, seed=self.seed,
+                                    version="custom", attacks=["apgd-ce", "apgd-t"], device=x.device)
+                attack.apgd_targeted.n_target_classes = 9
+            else:
+                attack = AutoAttack(self.model, eps=float(self.eps), norm=norm_name, seed=self.seed,
+                                    version=self.version, device=x.device)
+            attack.verbose = False
+            x_adv, _ = attack.run_standard_evaluation(x.detach(), y, batch_size=max(len(x), 1))
+        finally:
+            self.model.train(was_training)
+        # AutoAttack's own projection is float-exact up to rounding; enforce the ball and the box.
+        eps = torch.full((x.shape[0],), float(self.eps), device=x.device, dtype=x.dtype)
+        return project(x_adv.to(x.device, x.dtype), x, eps, norm).detach()
+
+
 ATTACKS: Dict[str, Callable[..., PGD]] = {
     "fgsm": lambda model, eps, norm=math.inf, steps=1, restarts=1: fgsm(model, eps, norm),
     "pgd": lambda model, eps, norm=math.inf, steps=10, restarts=1: PGD(model, eps, norm, steps, restarts=restarts),
     "cw": lambda model, eps, norm=math.inf, steps=10, restarts=1: PGD(model, eps, norm, steps, restarts=restarts, loss="cw"),
+    "autoattack": lambda model, eps, norm=math.inf, steps=0, restarts=1, version="standard":
+        AutoAttackAdapter(model, eps, norm, version=version),
 }

@@ -45,12 +45,34 @@ data_options = _options(
     click.option("--image-size", type=int, default=32, show_default=True, help="Image size for --data imagenet."),
 )
 
-common_options = _options(
-    click.option("--eps", type=EPS, default="0.01", show_default=True, help="Perturbation radius in pixel units, e.g. 2/255."),
-    click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True, help="Perturbation norm."),
-    click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+eval_data_options = _options(
+    click.option("--data", type=click.Choice(DATASETS), default=None,
+                 help="Dataset of the test samples (default: the one the model was trained on)."),
+    click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder holding the dataset files (mnist, cifar10, imagenet); nothing is downloaded."),
+    click.option("--n", "n", type=int, default=1000, show_default=True,
+                 help="Test samples to evaluate, drawn with --seed (0: the whole test split)."),
 )
+
+
+def common_options(eps_default: str = "0.01"):
+    """--eps, --norm, --device, --seed (the eps default differs per command)."""
+    return _options(
+        click.option("--eps", type=EPS, default=eps_default, show_default=True,
+                     help="Perturbation radius in pixel units, e.g. 2/255."),
+        click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True, help="Perturbation norm."),
+        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    )
+
+
+def _split_list(text: str, what: str) -> tuple:
+    """``"fgsm,pgd"`` -> ``("fgsm", "pgd")``."""
+    from certnas.config import ConfigError
+    items = tuple(part.strip() for part in str(text).split(",") if part.strip())
+    if not items:
+        raise ConfigError(f"{what} is empty")
+    return items
 
 
 def _fail_cleanly(func):
@@ -114,7 +136,7 @@ def main(ctx, verbose, quiet):
 
 @main.command()
 @data_options
-@common_options
+@common_options()
 @click.option("--metric", type=click.Choice(["none", "clb", "jacobian", "combined", "sdarts-adv", "pgd"]), default="clb",
               show_default=True, help="Robustness term R: none (DARTS), clb, jacobian, combined; or a baseline.")
 @click.option("--gamma", type=float, default=0.01, show_default=True, help="Weight of R in L_val - gamma * R.")
@@ -163,6 +185,98 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
         click.echo(f"genotype written to {out / 'genotype.json'}")
         click.echo(f"normal: {record['normal']}")
         click.echo(f"reduce: {record['reduce']}")
+
+
+@main.command()
+@data_options
+@common_options("0.1")
+@click.option("--genotype", default="PC_DARTS", show_default=True,
+              help="genotype.json from certnas search, or a published cell: DARTS_V1, DARTS_V2, PC_DARTS.")
+@click.option("--network", type=click.Choice(["darts", "mlp"]), default="darts", show_default=True,
+              help="darts: the cell network of --genotype; mlp: a plain ReLU MLP (small enough for --method milp).")
+@click.option("--hidden", default="128,128", show_default=True, help="Hidden widths of --network mlp.")
+@click.option("--layers", type=int, default=4, show_default=True, help="Cells (paper: 20).")
+@click.option("--init-channels", type=int, default=8, show_default=True, help="Initial channels (paper: 36).")
+@click.option("--auxiliary/--no-auxiliary", default=False, show_default=True, help="Auxiliary head (weight 0.4).")
+@click.option("--drop-path", type=float, default=0.0, show_default=True,
+              help="Drop-path probability, reached linearly by the last epoch (paper: 0.2; not with ibp/crown-ibp).")
+@click.option("--mode", type=click.Choice(["standard", "pgd", "ibp", "crown-ibp"]), default="standard",
+              show_default=True, help="Training objective.")
+@click.option("--pgd-steps", type=int, default=7, show_default=True, help="PGD steps of --mode pgd.")
+@click.option("--warmup-epochs", type=int, default=1, show_default=True, help="Clean epochs before the eps ramp.")
+@click.option("--ramp-epochs", type=int, default=2, show_default=True, help="Epochs over which eps grows to --eps.")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs (paper: 600).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
+@click.option("--lr", type=float, default=0.025, show_default=True, help="SGD learning rate (cosine schedule).")
+@click.option("--train-limit", type=int, default=0, show_default=True, help="Training samples per epoch (0: all).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), show_default=True,
+              help="Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.pass_context
+@_fail_cleanly
+def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, network, hidden, layers,
+          init_channels, auxiliary, drop_path, mode, pgd_steps, warmup_epochs, ramp_epochs, epochs, batch_size, lr,
+          train_limit, out, resume, force):
+    """Train a network from a genotype: standard, PGD, IBP or CROWN-IBP training."""
+    from certnas.config import ConfigError
+    from certnas.train import TrainConfig, train as run_train
+    _check_device(device)
+    try:
+        widths = tuple(int(h) for h in _split_list(hidden, "--hidden"))
+    except ValueError:
+        raise ConfigError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+    config = TrainConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
+                         network=network, genotype=genotype, layers=layers, init_channels=init_channels,
+                         auxiliary=auxiliary, drop_path=drop_path, hidden=widths, mode=mode, eps=eps, norm=norm,
+                         pgd_steps=pgd_steps, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, epochs=epochs,
+                         batch_size=batch_size, lr=lr, train_limit=train_limit, seed=seed, device=device)
+    summary = run_train(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"])
+    if not ctx.obj["quiet"]:
+        click.echo(f"test accuracy {summary['test_acc']:.4f} on {summary['test_samples']} samples; "
+                   f"model written to {out / 'model.pt'}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@eval_data_options
+@common_options("0.1")
+@click.option("--attack", "attacks", default="all", show_default=True,
+              help="fgsm, pgd, cw, autoattack, a comma-separated list, or all.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Steps of pgd and cw.")
+@click.option("--restarts", type=int, default=1, show_default=True, help="Random restarts of pgd and cw.")
+@click.option("--autoattack-version", type=click.Choice(["standard", "fast"]), default="standard", show_default=True,
+              help="AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), or fast: APGD-CE and APGD-T only.")
+@click.option("--batch-size", type=int, default=250, show_default=True, help="Samples attacked at once.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for attack.csv, attack_samples.csv and attack.json (default: next to MODEL).")
+@click.pass_context
+@_fail_cleanly
+def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, steps, restarts, autoattack_version,
+           batch_size, out):
+    """Robust accuracy of MODEL under attack, on the same test samples for every attack."""
+    from certnas.attack_eval import ATTACK_NAMES, AttackConfig, run_attacks
+    _check_device(device)
+    names = ATTACK_NAMES if attacks.strip() == "all" else _split_list(attacks, "--attack")
+    config = AttackConfig(attacks=names, eps=eps, norm=norm, steps=steps, restarts=restarts, n=n,
+                          autoattack_version=autoattack_version, batch_size=batch_size, data=data, data_root=str(data_root) if data_root else None,
+                          seed=seed, device=device)
+    out = out if out is not None else Path(model).parent
+    summary = run_attacks(config, model, out, quiet=ctx.obj["quiet"])
+    if not ctx.obj["quiet"]:
+        _print_rows(summary["results"], ["attack", "robust_accuracy", "n", "seconds"])
+        click.echo(f"written to {out / 'attack.csv'} and {out / 'attack.json'}")
+
+
+def _print_rows(rows, columns) -> None:
+    widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        click.echo("  ".join(_cell(row.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

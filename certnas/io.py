@@ -52,7 +52,7 @@ def load_file(path: Path, kind: str = None, map_location="cpu") -> Tuple[Dict[st
     except pickle.UnpicklingError as error:
         raise ModelFileError(f"{path}: refused: the file holds pickled objects other than tensors "
                              f"(not a certnas file, or unsafe): {str(error).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as error:
+    except Exception as error:  # weights_only: nothing ran; any other failure means an unreadable file
         raise ModelFileError(f"{path}: cannot read: the file is truncated or corrupt ({type(error).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a certnas file")
@@ -65,3 +65,30 @@ def load_file(path: Path, kind: str = None, map_location="cpu") -> Tuple[Dict[st
     except (KeyError, TypeError, json.JSONDecodeError):
         raise ModelFileError(f"{path}: corrupt metadata") from None
     return payload["tensors"], meta
+
+
+def save_model(model: torch.nn.Module, path: Path, *, network: Dict[str, Any], **meta: Any) -> None:
+    """Write a model file: the state dict plus ``network`` (a ``NetworkConfig`` dict, enough to
+    rebuild the module) and any JSON-serialisable metadata (dataset, training settings, versions)."""
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    save_file(Path(path), "model", {"state_dict": state}, {"network": network, **meta})
+
+
+def load_model_with_meta(path: Path, map_location="cpu") -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """``(network in eval mode, metadata)`` from a model file written by ``save_model``."""
+    from certnas.space.network import NetworkConfig, build_network
+    tensors, meta = load_file(Path(path), kind="model", map_location=map_location)
+    try:
+        config = NetworkConfig.from_dict(meta["network"])
+        model = build_network(config)
+        model.load_state_dict(tensors["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"{path}: the model does not match its own description: "
+                             f"{str(error).splitlines()[0][:300]}") from None
+    meta["network"] = config.to_dict()
+    return model.to(map_location).eval(), meta
+
+
+def load_model(path: Path, map_location="cpu") -> torch.nn.Module:
+    """The network of a model file, in eval mode (BN statistics frozen, no drop-path)."""
+    return load_model_with_meta(path, map_location)[0]

@@ -75,6 +75,18 @@ def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> Path:
     return out
 
 
+def check_same_config(out: Path, config: Any) -> None:
+    """--resume must continue with the settings saved in ``out/config.json``."""
+    from dataclasses import asdict
+    from certnas.config import ConfigError
+    path = Path(out) / "config.json"
+    saved = json.loads(path.read_text()) if path.is_file() and path.read_text().strip() else None
+    if saved is not None and saved != json.loads(json.dumps(asdict(config), default=str)):
+        changed = sorted(k for k in set(saved) | set(asdict(config))
+                         if saved.get(k) != json.loads(json.dumps(asdict(config), default=str)).get(k))
+        raise ConfigError(f"--resume: the settings differ from those saved in {path} ({', '.join(changed)})")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -22,7 +22,7 @@ from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.data import load_data
 from certnas.metrics import METRICS, MetricConfig, robustness
-from certnas.runs import (atomic_write_json, collate, environment, epoch_batches,
+from certnas.runs import (atomic_write_json, check_same_config, collate, environment, epoch_batches,
                           prepare_run_folder, run_epochs, seed_everything)
 from certnas.space.supernet import SearchNetwork
 
@@ -223,9 +223,7 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
     config.validate()
     out = prepare_run_folder(Path(out), resume=resume, force=force)
     if resume:
-        saved = (out / "config.json").read_text()
-        if saved.strip() and _load_config(saved) != config:
-            raise ConfigError(f"--resume: the settings differ from those saved in {out / 'config.json'}")
+        check_same_config(out, config)
     seed_everything(config.seed)
     splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
                        image_size=config.image_size)
@@ -276,12 +274,6 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
     plot_genotype(genotype, out / "cells.png")
     plot_arch_history(history, searcher.net.primitives, out / "arch_weights.png")
     return record
-
-
-def _load_config(text: str) -> SearchConfig:
-    import json
-    from certnas.config import from_dict
-    return from_dict(SearchConfig, json.loads(text))
 
 
 def arch_weights(net: SearchNetwork) -> Dict[str, List[List[float]]]:

@@ -306,15 +306,7 @@ def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return eye[y].unsqueeze(1) - eye[others]
 
 
-def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
-                       norm: Union[float, str] = math.inf,
-                       method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
-    """Lower bound on ``min_{j != y} (logit_y - logit_j)`` over the ball; > 0 means certified.
-
-    x: (B, ...) in [0, 1]; y: (B,) integer labels; eps: float or (B,). Returns (B,).
-    Computed with a specification matrix (the margin is bounded as one linear function of the
-    logits), which is tighter than subtracting logit bounds.
-    """
+def _margin_rows(model, x, y, eps, norm, method) -> Tuple[torch.Tensor, torch.Tensor, int]:
     eps_t, norm, method = _validate(model, x, eps, norm, method)
     y = torch.as_tensor(y, device=x.device)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -327,7 +319,34 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
         raise BoundInputError(f"labels must lie in [0, {num_classes - 1}], got {y.min().item()}..{y.max().item()}")
     C = margin_specification(y, num_classes).to(x.dtype)
     lower, _ = _bound(model, x, eps_t, norm, method, C=C, bound_upper=False)
-    return lower.min(dim=1).values
+    return lower, y, num_classes
+
+
+def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
+                       norm: Union[float, str] = math.inf,
+                       method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
+    """Lower bound on ``min_{j != y} (logit_y - logit_j)`` over the ball; > 0 means certified.
+
+    x: (B, ...) in [0, 1]; y: (B,) integer labels; eps: float or (B,). Returns (B,).
+    Computed with a specification matrix (the margin is bounded as one linear function of the
+    logits), which is tighter than subtracting logit bounds.
+    """
+    return _margin_rows(model, x, y, eps, norm, method)[0].min(dim=1).values
+
+
+def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
+                        norm: Union[float, str] = math.inf,
+                        method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
+    """Per-class lower bounds ``m_j <= logit_y - logit_j`` over the ball, (B, K), 0 at ``j = y``.
+
+    ``cross_entropy(-m, y)`` is the certified-training loss of IBP / CROWN-IBP: an upper bound on
+    the worst-case cross entropy in the ball.
+    """
+    rows, y, num_classes = _margin_rows(model, x, y, eps, norm, method)
+    full = torch.zeros(len(y), num_classes, device=rows.device, dtype=rows.dtype)
+    others = torch.arange(num_classes, device=y.device).expand(len(y), -1)
+    others = others[others != y.unsqueeze(1)].view(len(y), num_classes - 1)
+    return full.scatter(1, others, rows)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ differently* because auto_LiRPA 0.3 bounds the native layers wrongly or not at a
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 import torch
@@ -247,6 +247,24 @@ class GlobalAvgPool(nn.Module):
         channels, height, width = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
         kernel = np.full((channels, 1, height, width), 1.0 / (height * width), dtype=np.float32)
         return F.conv2d(x, _constant(kernel, x), groups=channels).flatten(1)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as the model's first layer (a fixed affine map)."""
+
+    is_affine = True  # exact MILP encoding (verifiers.milp)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1).clone()
+        std = torch.as_tensor(std, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1).clone()
+        if (std <= 0).any():
+            raise ValueError(f"std must be positive, got {std.flatten().tolist()}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_std", 1.0 / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
 
 
 OPS: Dict[str, OpConstructor] = {

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from certnas.space.ops import (OPS, PRIMITIVES, ChannelMap, FactorizedReduce, GlobalAvgPool, MaxPool2x2,
-                               ReLUConvBN)
+                               Normalize, ReLUConvBN)
 
 
 class MixedOp(nn.Module):
@@ -195,19 +195,3 @@ class SearchNetwork(nn.Module):
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, weights[cell.reduction], edges[cell.reduction])
         return self.classifier(self.pool(s1))
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, as the model's first layer (a fixed affine map)."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int):
-        super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1).clone()
-        std = torch.as_tensor(std, dtype=torch.float32).expand(channels).reshape(1, channels, 1, 1).clone()
-        if (std <= 0).any():
-            raise ValueError(f"std must be positive, got {std.flatten().tolist()}")
-        self.register_buffer("mean", mean)
-        self.register_buffer("inv_std", 1.0 / std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.inv_std

@@ -24,3 +24,13 @@ def test_bench_search_writes_a_record(tmp_path):
                        "--repeats", "1", "--warmup", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 6
+
+
+@pytest.mark.slow
+def test_bench_train_writes_a_record(tmp_path):
+    from benchmarks import bench_train
+    out = tmp_path / "train.json"
+    bench_train.main(["--layers", "3", "--init-channels", "4", "--batch-size", "4", "--repeats", "1", "--warmup", "0",
+                      "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["mode"] == "standard" and rows[0]["ratio"] == 1.0 and len(rows) == 5

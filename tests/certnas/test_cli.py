@@ -54,3 +54,51 @@ def test_search_command_runs_and_writes_the_genotype(tmp_path):
     saved = json.loads((out / "genotype.json").read_text())
     assert saved["settings"]["eps"] == pytest.approx(2 / 255)
     assert len(saved["normal"]) == 8
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "train"
+    result = CliRunner().invoke(main, ["-q", "train", "--network", "mlp", "--hidden", "16", "--mode", "ibp", "--eps",
+                                       "0.05", "--epochs", "2", "--warmup-epochs", "0", "--ramp-epochs", "1",
+                                       "--train-limit", "256", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / "model.pt"
+
+
+def test_train_and_attack_commands_write_their_files(cli_model, tmp_path):
+    assert (cli_model.parent / "summary.json").is_file() and (cli_model.parent / "history.csv").is_file()
+    result = CliRunner().invoke(main, ["attack", str(cli_model), "--attack", "fgsm,pgd", "--steps", "5", "--n", "40",
+                                       "--eps", "8/255", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "worst-case" in result.output
+    rows = (tmp_path / "attack.csv").read_text().splitlines()
+    assert rows[0].startswith("attack,robust_accuracy") and len(rows) == 5  # header, clean, fgsm, pgd, worst-case
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--eps", "2/0"], "division by zero"), (["--attack", "deepfool"], "unknown attack"),
+    (["--n", "99999"], "larger than"), (["--data", "cifar10"], "needs --data-root"),
+])
+def test_attack_bad_input_is_one_line_with_exit_code_2(cli_model, args, message):
+    result = CliRunner().invoke(main, ["attack", str(cli_model), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("command", ["attack"])
+def test_a_file_that_is_not_a_certnas_model_is_one_line_with_exit_code_2(tmp_path, command):
+    import torch
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    result = CliRunner().invoke(main, [command, str(tmp_path / "other.pt")])
+    assert result.exit_code == 2 and "not a certnas file" in result.output, result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "trades"], "Invalid value for '--mode'"), (["--genotype", "nope.json"], "neither a file"),
+    (["--hidden", "a,b", "--network", "mlp"], "--hidden"), (["--drop-path", "0.2", "--mode", "ibp"], "drop-path"),
+])
+def test_train_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1, result.output

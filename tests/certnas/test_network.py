@@ -1,0 +1,92 @@
+"""The discrete network: equal to the supernet with one-hot weights, fixed in eval mode, bounded soundly."""
+import math
+
+import pytest
+import torch
+
+from certnas.space.genotype import NAMED
+from certnas.space.network import DartsNetwork, NetworkConfig, build_network
+from certnas.space.supernet import SearchNetwork, edge_count
+from tests.violation import max_violation
+from verifiers.bounds import compute_bounds
+
+
+def _one_hot_supernet_and_network(seed: int):
+    torch.manual_seed(seed)
+    supernet = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1, steps=4, multiplier=4,
+                             mean=(0.13,), std=(0.31,))
+    with torch.no_grad():
+        supernet.arch_normal.normal_(0, 1)
+        supernet.arch_reduce.normal_(0, 1)
+    genotype = supernet.genotype()
+    network = DartsNetwork(genotype, 4, 10, 3, 1, (0.13,), (0.31,), affine=False)
+    primitives = supernet.primitives
+    with torch.no_grad():
+        for name, edges in (("normal", genotype.normal), ("reduce", genotype.reduce)):
+            alpha = supernet.arch_normal if name == "normal" else supernet.arch_reduce
+            alpha.fill_(-math.inf)
+            alpha[:, primitives.index("none")] = 0.0  # edges not chosen contribute exactly zero
+            for k, (op, source) in enumerate(edges):
+                node = k // 2
+                edge = sum(2 + i for i in range(node)) + source
+                alpha[edge].fill_(-math.inf)
+                alpha[edge, primitives.index(op)] = 0.0
+    for c, (cell, super_cell) in enumerate(zip(network.cells, supernet.cells)):
+        edges = genotype.reduce if cell.reduction else genotype.normal
+        cell.preprocess0.load_state_dict(super_cell.preprocess0.state_dict())
+        cell.preprocess1.load_state_dict(super_cell.preprocess1.state_dict())
+        for k, (op, source) in enumerate(edges):
+            edge = sum(2 + i for i in range(k // 2)) + source
+            cell.ops[k].load_state_dict(super_cell.edges[edge].ops[primitives.index(op)].state_dict())
+    network.stem.load_state_dict(supernet.stem.state_dict())
+    network.classifier.load_state_dict(supernet.classifier.state_dict())
+    assert edge_count(4) == 14
+    return supernet, network
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_network_from_derived_genotype_equals_supernet_with_one_hot_weights(seed):
+    supernet, network = _one_hot_supernet_and_network(seed)
+    x = torch.rand(6, 1, 28, 28)
+    for train_mode in (True, False):
+        supernet.train(train_mode)
+        network.train(train_mode)
+        torch.testing.assert_close(network(x), supernet(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_mode_is_deterministic_and_training_mode_uses_drop_path_and_aux_head():
+    torch.manual_seed(0)
+    net = DartsNetwork(NAMED["DARTS_V2"], 4, 10, 3, 1, (0.1,), (0.3,), auxiliary=True)
+    net.drop_path_prob = 0.5
+    x = torch.rand(4, 1, 28, 28)
+    net.eval()
+    logits, aux = net.forward_with_aux(x)
+    assert aux is None
+    torch.testing.assert_close(net(x), net(x))
+    net.train()
+    outputs = [net.forward_with_aux(x) for _ in range(2)]
+    assert outputs[0][1] is not None and outputs[0][1].shape == (4, 10)
+    assert not torch.allclose(outputs[0][0], outputs[1][0])  # drop-path draws new masks
+
+
+def test_network_config_round_trips_and_builds_both_kinds():
+    darts = NetworkConfig("darts", 1, 28, 10, (0.1,), (0.3,), genotype=NAMED["PC_DARTS"].to_dict(), layers=3,
+                          init_channels=4)
+    assert NetworkConfig.from_dict(darts.to_dict()) == darts
+    assert build_network(darts)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    mlp = NetworkConfig("mlp", 1, 8, 3, (0.0,), (1.0,), hidden=(5, 4))
+    assert NetworkConfig.from_dict(mlp.to_dict()) == mlp
+    assert build_network(mlp)(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown network kind"):
+        build_network(NetworkConfig("resnet", 1, 8, 3, (0.0,), (1.0,)))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_bounds_on_every_published_cell_network_are_sound(method):
+    for name, genotype in NAMED.items():
+        torch.manual_seed(1)
+        net = DartsNetwork(genotype, 4, 10, 3, 1, (0.13,), (0.31,)).eval()
+        x = torch.rand(2, 1, 16, 16)
+        eps = torch.full((2,), 0.02)
+        lower, upper = compute_bounds(net, x, eps, norm="inf", method=method)
+        assert max_violation(net, x, eps, math.inf, lower, upper, samples=16, pgd_steps=10) <= 1e-5, name

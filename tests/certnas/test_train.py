@@ -1,0 +1,103 @@
+"""Training: every mode writes a model file the evaluators accept; schedule; resume; certified training works."""
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from certnas import train as train_module
+from certnas.config import ConfigError
+from certnas.io import load_model_with_meta
+from certnas.search import search
+from certnas.space.genotype import GenotypeError
+from certnas.train import TrainConfig, schedule, train
+from tests.certnas.test_search import TINY as TINY_SEARCH
+from verifiers.bounds import margin_lower_bound
+
+TINY = TrainConfig(layers=3, init_channels=4, batch_size=16, train_limit=32, eval_limit=40, epochs=2,
+                   warmup_epochs=0, ramp_epochs=1, eps=0.05, genotype="DARTS_V2")
+
+
+@pytest.mark.parametrize("mode", ["standard", "pgd", "ibp", "crown-ibp"])
+def test_every_mode_writes_a_model_file_in_eval_mode(tmp_path, mode):
+    summary = train(replace(TINY, mode=mode, pgd_steps=2), tmp_path / "run", quiet=True)
+    model, meta = load_model_with_meta(tmp_path / "run" / "model.pt")
+    assert not model.training and meta["training"]["mode"] == mode and meta["dataset"]["name"] == "mnist-embedded"
+    assert meta["summary"]["test_acc"] == summary["test_acc"] and "auto_LiRPA" in meta["versions"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(v != "nan" for r in rows for v in r.values())
+    if mode in ("ibp", "crown-ibp"):
+        assert "robust_loss" in rows[0] and float(rows[-1]["eps"]) == pytest.approx(0.05)
+    x = torch.rand(2, 1, 28, 28)
+    margin_lower_bound(model, x, torch.tensor([0, 1]), 0.01, method="crown-ibp")  # the verifier accepts it
+
+
+def test_a_searched_genotype_trains(tmp_path):
+    search(replace(TINY_SEARCH, epochs=1, steps=4, multiplier=4), tmp_path / "search", quiet=True)
+    train(replace(TINY, genotype=str(tmp_path / "search" / "genotype.json"), epochs=1), tmp_path / "run", quiet=True)
+    _, meta = load_model_with_meta(tmp_path / "run" / "model.pt")
+    saved = json.loads((tmp_path / "search" / "genotype.json").read_text())
+    assert meta["network"]["genotype"]["normal"] == saved["normal"]
+
+
+def test_schedule_warms_up_then_ramps_linearly():
+    config = TrainConfig(mode="crown-ibp", eps=0.3, warmup_epochs=1, ramp_epochs=2, kappa_end=0.5, beta_start=1.0,
+                         beta_end=0.0)
+    plans = [schedule(config, step, 10) for step in range(40)]
+    assert all(p["eps"] == 0 and p["kappa"] == 1 and p["beta"] == 1 for p in plans[:10])
+    eps = [p["eps"] for p in plans[10:30]]
+    assert eps == sorted(eps) and eps[0] > 0 and eps[-1] == pytest.approx(0.3)
+    assert all(p["eps"] == pytest.approx(0.3) and p["kappa"] == pytest.approx(0.5) and p["beta"] == 0 for p in plans[30:])
+    assert schedule(replace(config, mode="standard"), 35, 10)["eps"] == 0
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    config = replace(TINY, mode="ibp")
+    train(config, tmp_path / "full", quiet=True)
+    calls = {"n": 0}
+    original = train_module.Trainer.step
+
+    def crash_in_second_epoch(self, x, y, plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, x, y, plan)
+
+    monkeypatch.setattr(train_module.Trainer, "step", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(train_module.Trainer, "step", original)
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    train(config, tmp_path / "cut", resume=True, quiet=True)
+    a = load_model_with_meta(tmp_path / "full" / "model.pt")[0].state_dict()
+    b = load_model_with_meta(tmp_path / "cut" / "model.pt")[0].state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="settings differ"):
+        train(replace(config, eps=0.1), tmp_path / "cut", resume=True, quiet=True)
+
+
+@pytest.mark.parametrize("change,error,message", [
+    ({"mode": "trades"}, ConfigError, "unknown mode"), ({"mode": "ibp", "drop_path": 0.2}, ConfigError, "drop-path"),
+    ({"genotype": "NOPE"}, GenotypeError, "neither a file"), ({"network": "mlp", "hidden": ()}, ConfigError, "hidden"),
+])
+def test_invalid_training_settings_are_refused(tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        train(replace(TINY, **change), tmp_path / "run", quiet=True)
+
+
+@pytest.mark.slow
+def test_ibp_training_certifies_more_samples_than_standard_training(tmp_path):
+    """The point of certified training: at the training eps, IBP-trained MLPs are verifiable."""
+    base = TrainConfig(network="mlp", hidden=(64,), epochs=3, warmup_epochs=0, ramp_epochs=2, eps=0.05,
+                       train_limit=2000, eval_limit=200, lr=0.05)
+    fractions = {}
+    for mode in ("standard", "ibp"):
+        train(replace(base, mode=mode), tmp_path / mode, quiet=True)
+        model, _ = load_model_with_meta(tmp_path / mode / "model.pt")
+        from certnas.evaluation import prepare
+        evaluation = prepare(tmp_path / mode / "model.pt", data=None, data_root=None, n=200, seed=0, device="cpu")
+        bound = margin_lower_bound(model, evaluation.x, evaluation.y, 0.05, method="ibp")
+        fractions[mode] = (bound > 0).float().mean().item()
+    assert fractions["ibp"] > fractions["standard"] + 0.2, fractions
