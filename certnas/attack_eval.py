@@ -88,7 +88,7 @@ def run_attacks(config: AttackConfig, model_path: Path, out: Optional[Path] = No
     evaluation = prepare(model_path, data=config.data, data_root=Path(config.data_root) if config.data_root else None,
                          n=config.n, seed=config.seed, device=config.device)
     correct = predict(evaluation.model, evaluation.x) == evaluation.y
-    rows: List[Dict[str, Any]] = [{"attack": "clean", "robust_accuracy": correct.float().mean().item(),
+    rows: List[Dict[str, Any]] = [{"attack": "clean", "robust_accuracy": correct.sum().item() / len(correct),
                                    "n": len(correct), "seconds": 0.0}]
     per_sample = {"index": evaluation.indices.tolist(), "label": evaluation.y.tolist(), "clean": correct.tolist()}
     worst = correct.clone()
@@ -98,10 +98,10 @@ def run_attacks(config: AttackConfig, model_path: Path, out: Optional[Path] = No
             flags = robust_flags(evaluation, name, config, progress)
             worst &= flags
             per_sample[name] = flags.tolist()
-            rows.append({"attack": name, "robust_accuracy": flags.float().mean().item(), "n": len(flags),
+            rows.append({"attack": name, "robust_accuracy": flags.sum().item() / len(flags), "n": len(flags),
                          "seconds": round(time.time() - began, 2)})
     if len(config.attacks) > 1:
-        rows.append({"attack": "worst-case", "robust_accuracy": worst.float().mean().item(), "n": len(worst),
+        rows.append({"attack": "worst-case", "robust_accuracy": worst.sum().item() / len(worst), "n": len(worst),
                      "seconds": round(sum(r["seconds"] for r in rows), 2)})
     for row in rows:
         row.update(eps=config.eps, norm=config.norm, steps=config.steps if row["attack"] in ("pgd", "cw") else "",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Union
 
 import torch
 import torch.nn as nn
@@ -48,11 +48,12 @@ def _loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 class PGD:
     """Projected gradient ascent on the loss, random start, ``restarts`` tries keeping the best.
 
-    eps: radius (pixels); norm: inf or 2; steps; step_size (default 2.5 * eps / steps); loss: ce or
-    cw. ``steps=1, random_start=False, step_size=eps`` is FGSM.
+    eps: radius in pixels, a float or a (B,) tensor of per-sample radii; norm: inf or 2; steps;
+    step_size (default 2.5 * eps / steps, per sample); loss: ce or cw.
+    ``steps=1, random_start=False, step_size=eps`` is FGSM.
     """
     model: nn.Module
-    eps: float
+    eps: Union[float, torch.Tensor]
     norm: float = math.inf
     steps: int = 10
     step_size: float = None
@@ -62,12 +63,12 @@ class PGD:
 
     def __post_init__(self):
         self.norm = parse_norm(self.norm)
-        if self.step_size is None:
-            self.step_size = 2.5 * self.eps / max(self.steps, 1)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss_fn = _loss(self.loss)
-        eps = torch.full((x.shape[0],), float(self.eps), device=x.device, dtype=x.dtype)
+        eps = torch.as_tensor(self.eps, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
+        step_size = 2.5 * eps / max(self.steps, 1) if self.step_size is None else \
+            torch.as_tensor(self.step_size, device=x.device, dtype=x.dtype).expand(x.shape[0])
         best = x.detach().clone()
         best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
         was_training = self.model.training
@@ -75,13 +76,13 @@ class PGD:
         try:
             for _ in range(max(self.restarts, 1)):
                 x_adv = x.detach().clone()
-                if self.random_start and self.eps > 0:
+                if self.random_start and bool((eps > 0).any()):
                     if self.norm == math.inf:
-                        x_adv = x_adv + (torch.rand_like(x) * 2 - 1) * self.eps
+                        x_adv = x_adv + (torch.rand_like(x) * 2 - 1) * _view(eps, x)
                     else:
                         noise = torch.randn_like(x)
                         noise = noise / _view(noise.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-                        x_adv = x_adv + noise * self.eps * _view(torch.rand(x.shape[0], device=x.device), x)
+                        x_adv = x_adv + noise * _view(eps * torch.rand(x.shape[0], device=x.device), x)
                     x_adv = project(x_adv, x, eps, self.norm)
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
@@ -93,7 +94,7 @@ class PGD:
                             step = grad.sign()
                         else:
                             step = grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-                        x_adv = project(x_adv + self.step_size * step, x, eps, self.norm)
+                        x_adv = project(x_adv + _view(step_size, x) * step, x, eps, self.norm)
                 with torch.no_grad():
                     final = loss_fn(self.model(x_adv), y)
                     better = final > best_loss
@@ -127,16 +128,23 @@ class AutoAttackAdapter:
             return x.detach().clone()
         was_training = self.model.training
         self.model.eval()
+        with torch.no_grad():
+            classes = int(self.model(x[:1]).shape[1])
+        if classes < 4:
+            from verifiers.errors import CertnasError
+            raise CertnasError(f"AutoAttack's targeted attacks need at least 4 classes; the model has {classes}")
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
         try:
             norm_name = "Linf" if norm == math.inf else "L2"
             if self.version == "fast":
                 attack = AutoAttack(self.model, eps=float(self.eps), norm=norm_name, seed=self.seed,
                                     version="custom", attacks=["apgd-ce", "apgd-t"], device=x.device)
-                attack.apgd_targeted.n_target_classes = 9
             else:
                 attack = AutoAttack(self.model, eps=float(self.eps), norm=norm_name, seed=self.seed,
                                     version=self.version, device=x.device)
+            # the standard version targets 9 classes, which needs 10; fewer classes: all other classes
+            attack.apgd_targeted.n_target_classes = min(9, classes - 1)
+            attack.fab.n_target_classes = min(9, classes - 1)
             attack.verbose = False
             x_adv, _ = attack.run_standard_evaluation(x.detach(), y, batch_size=max(len(x), 1))
         finally:

@@ -268,6 +268,51 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
         click.echo(f"written to {out / 'attack.csv'} and {out / 'attack.json'}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@eval_data_options
+@common_options("2/255")
+@click.option("--method", "methods", default="all", show_default=True,
+              help="ibp, crown-ibp, crown, alpha-crown, milp, a comma-separated list (each on every sample), "
+                   "or all (a cascade: attack, then cheap to strong, each on the undecided samples).")
+@click.option("--radius", is_flag=True, help="Also the certified radius per sample and method (batched bisection).")
+@click.option("--radius-max", type=EPS, default=None, help="Upper end of the radius search (default 0.5 L-inf, 5 L2).")
+@click.option("--radius-steps", type=int, default=12, show_default=True,
+              help="Bisection steps: radii are within radius-max / 2**steps.")
+@click.option("--pgd-steps", type=int, default=50, show_default=True,
+              help="Steps of the PGD that gives the upper bound and guards every certificate.")
+@click.option("--milp-time-limit", type=float, default=60.0, show_default=True,
+              help="Seconds per MILP solve (one per other class); a timeout counts as not certified.")
+@click.option("--crown-max-relus", type=int, default=4000, show_default=True,
+              help="Largest network (ReLU neurons) crown / alpha-crown are run on (matrix mode is costly).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples bounded at once.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for verify.csv and verify.json (default: next to MODEL).")
+@click.pass_context
+@_fail_cleanly
+def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, radius, radius_max, radius_steps,
+           pgd_steps, milp_time_limit, crown_max_relus, batch_size, out):
+    """Verified accuracy at --eps (and certified radii) of MODEL, never reporting a false certificate."""
+    from certnas.verify_run import VerifyConfig, run_verify
+    from verifiers.verify import parse_methods
+    _check_device(device)
+    chosen = ("all",) if methods.strip() == "all" else tuple(parse_methods(methods))
+    config = VerifyConfig(methods=chosen, eps=eps, norm=norm, n=n, radius=radius, radius_max=radius_max,
+                          radius_steps=radius_steps, pgd_steps=pgd_steps, milp_time_limit=milp_time_limit,
+                          crown_max_relus=crown_max_relus, batch_size=batch_size, data=data,
+                          data_root=str(data_root) if data_root else None, seed=seed, device=device)
+    out = out if out is not None else Path(model).parent
+    summary = run_verify(config, model, out, quiet=ctx.obj["quiet"])
+    if not ctx.obj["quiet"]:
+        click.echo(f"{summary['n']} samples of {summary['data']}, eps {eps:.6g}, norm {norm}")
+        _print_rows(summary["results"], ["method", "accuracy", "falsified", "unknown", "seconds_per_sample"])
+        for method, stats in summary["radius"].items():
+            click.echo(f"radius {method}: mean {stats['mean']:.5g}, median {stats['median']:.5g}")
+        for method, reason in summary["skipped"].items():
+            click.echo(f"skipped {method}: {reason}")
+        click.echo(f"written to {out / 'verify.csv'} and {out / 'verify.json'}")
+
+
 def _print_rows(rows, columns) -> None:
     widths = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -276,6 +321,8 @@ def _print_rows(rows, columns) -> None:
 
 
 def _cell(value) -> str:
+    if value is None:
+        return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 

@@ -34,3 +34,13 @@ def test_bench_train_writes_a_record(tmp_path):
                       "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["mode"] == "standard" and rows[0]["ratio"] == 1.0 and len(rows) == 5
+
+
+@pytest.mark.slow
+def test_bench_verify_writes_a_record(tmp_path):
+    from benchmarks import bench_verify
+    out = tmp_path / "verify.json"
+    bench_verify.main(["--n", "3", "--milp-n", "1", "--steps", "2", "--layers", "3", "--init-channels", "4",
+                       "--hidden", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert any("batched" in row["what"] and row["speedup"] > 0 for row in rows)

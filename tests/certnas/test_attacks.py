@@ -17,9 +17,10 @@ def _linear(seed=0):
 @pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
 def test_adversarial_examples_stay_in_the_ball_and_in_the_unit_box(name, norm):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
-    x = torch.rand(16, 1, 3, 4)
-    y = torch.randint(0, 3, (16,))
+    # AutoAttack needs >= 4 classes, and its L2 Square attack images of >= 5 pixels a side
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 5))
+    x = torch.rand(16, 1, 6, 6)
+    y = torch.randint(0, 5, (16,))
     eps = 0.1 if norm == math.inf else 0.5
     adv = ATTACKS[name](model, eps, norm, steps=5)(x, y)
     distance = (adv - x).flatten(1).norm(p=norm, dim=1)

@@ -86,7 +86,7 @@ def test_attack_bad_input_is_one_line_with_exit_code_2(cli_model, args, message)
     assert message in result.output and result.output.count("\n") == 1, result.output
 
 
-@pytest.mark.parametrize("command", ["attack"])
+@pytest.mark.parametrize("command", ["attack", "verify"])
 def test_a_file_that_is_not_a_certnas_model_is_one_line_with_exit_code_2(tmp_path, command):
     import torch
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
@@ -100,5 +100,29 @@ def test_a_file_that_is_not_a_certnas_model_is_one_line_with_exit_code_2(tmp_pat
 ])
 def test_train_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_verify_command_writes_rows_and_summary(cli_model, tmp_path):
+    result = CliRunner().invoke(main, ["verify", str(cli_model), "--n", "20", "--eps", "0.02", "--radius",
+                                       "--radius-steps", "6", "--milp-time-limit", "20", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "cascade" in result.output and "radius milp" in result.output
+    summary = json.loads((tmp_path / "verify.json").read_text())
+    accuracy = {row["method"]: row["accuracy"] for row in summary["results"]}
+    assert accuracy["cascade"] <= accuracy["pgd-50"] <= accuracy["clean"]
+    header = (tmp_path / "verify.csv").read_text().splitlines()[0].split(",")
+    for column in ("label", "prediction", "margin_bound", "certified", "radius", "seconds"):
+        assert column in header
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--eps", "2/0"], "division by zero"), (["--eps", "abc"], "not a number"), (["--eps", "-1"], ">= 0"),
+    (["--method", "deepfool"], "unknown method"), (["--n", "99999"], "larger than"),
+    (["--data", "cifar10", "--data-root", "."], "cifar10: expected"),
+])
+def test_verify_bad_input_is_one_line_with_exit_code_2(cli_model, args, message):
+    result = CliRunner().invoke(main, ["verify", str(cli_model), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("\n") == 1, result.output

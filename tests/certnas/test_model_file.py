@@ -1,5 +1,4 @@
 """The model file: round trip in eval mode; malicious, corrupt and unknown-version files refused."""
-import io
 import os
 import pickle
 import zipfile

@@ -1,0 +1,49 @@
+"""certnas verify on trained model files: certified <= PGD <= clean; files; the DARTS network skips CROWN."""
+import json
+
+import pytest
+
+from certnas.train import TrainConfig, train
+from certnas.verify_run import VerifyConfig, run_verify
+from verifiers.errors import UnsupportedModelError
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    train(TrainConfig(network="mlp", hidden=(24,), mode="ibp", eps=0.05, epochs=2, warmup_epochs=0, ramp_epochs=1,
+                      train_limit=1000, eval_limit=100, lr=0.05), root / "mlp", quiet=True)
+    train(TrainConfig(layers=3, init_channels=4, mode="ibp", eps=0.02, epochs=1, warmup_epochs=0, ramp_epochs=1,
+                      train_limit=64, batch_size=32, eval_limit=50), root / "darts", quiet=True)
+    return {"mlp": root / "mlp" / "model.pt", "darts": root / "darts" / "model.pt"}
+
+
+@pytest.mark.parametrize("methods", [("all",), ("ibp", "crown-ibp", "crown", "milp")])
+def test_certified_accuracy_is_at_most_pgd_accuracy_at_most_clean(models, tmp_path, methods):
+    summary = run_verify(VerifyConfig(methods=methods, eps=0.02, n=40, milp_time_limit=20), models["mlp"], tmp_path,
+                         quiet=True)
+    accuracy = {row["method"]: row["accuracy"] for row in summary["results"]}
+    verified = [v for k, v in accuracy.items() if k not in ("clean", "pgd-50")]
+    assert accuracy["pgd-50"] <= accuracy["clean"]
+    assert all(v <= accuracy["pgd-50"] for v in verified)
+    assert max(verified) > 0  # the IBP-trained MLP is verifiable at 0.02
+    assert json.loads((tmp_path / "verify.json").read_text())["settings"]["eps"] == 0.02
+
+
+def test_radius_rows_and_the_attack_radius_bound_them(models, tmp_path):
+    import pandas as pd
+    summary = run_verify(VerifyConfig(methods=("ibp", "crown-ibp"), eps=0.02, n=20, radius=True, radius_steps=8),
+                         models["mlp"], tmp_path, quiet=True)
+    rows = pd.read_csv(tmp_path / "verify.csv")
+    radius = rows[rows["mode"] == "radius"].pivot(index="index", columns="method", values="radius")
+    assert (radius["ibp"] <= radius["pgd-50"] + 1e-9).all() and (radius["crown-ibp"] <= radius["pgd-50"] + 1e-9).all()
+    assert summary["radius"]["crown-ibp"]["mean"] > 0
+
+
+def test_darts_network_is_verified_by_ibp_and_crown_ibp_and_crown_is_refused_or_skipped(models, tmp_path):
+    summary = run_verify(VerifyConfig(methods=("all",), eps=0.005, n=10), models["darts"], tmp_path, quiet=True)
+    assert set(summary["skipped"]) == {"crown", "alpha-crown", "milp"}
+    with pytest.raises(UnsupportedModelError, match="crown-max-relus"):
+        run_verify(VerifyConfig(methods=("crown",), eps=0.005, n=4), models["darts"], tmp_path, quiet=True)
+    with pytest.raises(UnsupportedModelError, match="MILP supports"):
+        run_verify(VerifyConfig(methods=("milp",), eps=0.005, n=4), models["darts"], tmp_path, quiet=True)

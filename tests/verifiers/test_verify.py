@@ -1,0 +1,93 @@
+"""The verification runner: radii never above the exact MILP radius, monotone in eps, cascade statuses,
+and the soundness guard stops on a false certificate."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from certnas.attacks import PGD
+from verifiers import verify as verify_module
+from verifiers.errors import UnsupportedModelError
+from verifiers.verify import (SoundnessError, Status, attack_radius, cascade, parse_methods, radii, relu_neurons,
+                              verify_methods)
+
+
+def _tiny(seed: int):
+    """A random 16-8-8-4 ReLU MLP and 6 inputs labelled by its own predictions (all clean-correct)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.rand(6, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def _falsifier(model):
+    def attack(x, y, eps):
+        torch.manual_seed(0)
+        return PGD(model, eps, math.inf, steps=40, restarts=2)(x, y)
+    return attack
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_certified_radius_is_at_most_the_exact_milp_radius(seed):
+    model, x, y = _tiny(seed)
+    found = radii(model, x, y, methods=["ibp", "crown-ibp", "crown", "alpha-crown", "milp"], eps_max=0.5, steps=10,
+                  falsifier=_falsifier(model), milp_time_limit=30)
+    exact = {r.index: r.radius for r in found if r.method == "milp"}
+    upper = attack_radius(model, x, y, _falsifier(model), eps_max=0.5, steps=10)
+    tolerance = 0.5 / 2 ** 10
+    for r in found:
+        assert r.radius <= exact[r.index] + tolerance, (r.method, r.index, r.radius, exact[r.index])
+    for i in range(len(x)):
+        assert exact[i] <= float(upper[i]) + 1e-9  # exact radius never above an attack radius
+    assert max(exact.values()) > 0
+
+
+def test_verified_accuracy_is_monotone_in_eps_and_below_clean():
+    model, x, y = _tiny(3)
+    previous = {m: 1.0 for m in ("ibp", "crown-ibp", "crown", "milp")}
+    for eps in (0.0, 0.01, 0.03, 0.1, 0.3):
+        results = verify_methods(model, x, y, eps, methods=list(previous), falsifier=_falsifier(model))
+        for method in previous:
+            accuracy = sum(r.status is Status.CERTIFIED for r in results if r.method == method) / len(x)
+            assert accuracy <= previous[method] + 1e-12, (method, eps)
+            previous[method] = accuracy
+
+
+def test_cascade_decides_every_sample_of_a_tiny_network_with_milp():
+    model, x, y = _tiny(4)
+    y = y.clone()
+    y[0] = (y[0] + 1) % 4  # one misclassified sample
+    results = cascade(model, x, y, 0.05, falsifier=_falsifier(model), milp_time_limit=30)
+    assert results[0].status is Status.FALSIFIED and results[0].method == "clean"
+    assert all(r.status is not Status.UNKNOWN for r in results)  # milp is complete
+    for r in results:
+        if r.status is Status.CERTIFIED:
+            assert r.margin_bound > 0 and r.method in ("ibp", "crown-ibp", "crown", "alpha-crown", "milp")
+
+
+def test_soundness_guard_stops_on_a_false_certificate(monkeypatch):
+    model, x, y = _tiny(5)
+
+    def lying_bound(model, x, y, eps, **kwargs):
+        return torch.ones(len(x))  # "certified" at any eps
+
+    monkeypatch.setattr(verify_module, "margin_lower_bound", lying_bound)
+    with pytest.raises(SoundnessError, match=r"sample \d+: method ibp certified eps 0\.5"):
+        verify_methods(model, x, y, 0.5, methods=["ibp"], falsifier=_falsifier(model))
+
+
+def test_crown_refuses_large_networks_and_milp_refuses_unsupported_ones():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 300), nn.ReLU(), nn.Linear(300, 4)).eval()
+    x, y = torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    assert relu_neurons(model, x) == 300
+    with pytest.raises(UnsupportedModelError, match="crown-max-relus 100"):
+        verify_methods(model, x, y, 0.01, methods=["crown"], crown_max_relus=100)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with pytest.raises(UnsupportedModelError, match="MILP supports"):
+        verify_methods(conv, x, y, 0.01, methods=["milp"])
+    with pytest.raises(UnsupportedModelError, match="L-inf"):
+        verify_methods(_tiny(0)[0], x, y, 0.01, methods=["milp"], norm="2")
+    assert parse_methods("all")[0] == "ibp"

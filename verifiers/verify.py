@@ -1,0 +1,376 @@
+"""The verification runner: per-sample statuses by one or more methods, a cascade, certified radii,
+and the soundness guard.
+
+Methods are the bound methods of ``verifiers.bounds`` (ibp, crown-ibp, crown, alpha-crown) and
+``milp`` (exact, small ReLU MLPs only, L-inf only; see ``verifiers.milp``).
+
+- ``verify_methods``: every listed method on every sample (per-method verified accuracy).
+- ``cascade``: a falsifier first (an attack: correctly classified samples it breaks are
+  ``falsified``), then the methods in order, each only on the samples still undecided; every
+  sample ends ``certified`` (by the first method that proves it), ``falsified`` or ``unknown``.
+- ``radii``: the certified radius per sample and method (batched bisection).
+
+The soundness guard: every certificate (a positive margin lower bound at eps, or a certified radius)
+is attacked at that eps before it is reported. An attack that succeeds against a certificate means
+the engine is wrong, and ``SoundnessError`` stops the run naming the sample and method. The guard
+takes the attack as a callable ``falsifier(x, y, eps) -> x_adv`` (eps: (B,)), so this module
+depends on no attack library.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from verifiers.bounds import BoundMethod, margin_lower_bound, parse_norm
+from verifiers.errors import BoundInputError, UnsupportedModelError
+
+Falsifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "milp")
+CASCADE_ORDER = METHODS
+
+
+class Status(str, enum.Enum):
+    CERTIFIED = "certified"
+    FALSIFIED = "falsified"
+    UNKNOWN = "unknown"
+
+
+class SoundnessError(RuntimeError):
+    """A certified sample was broken by an attack: a bug in the bound engine, never a result."""
+
+
+@dataclass
+class SampleResult:
+    """One sample under one method. margin_bound: lower bound on the margin at eps (exact for milp;
+    None where not computed); radius: certified radius (``radii`` only)."""
+    index: int
+    label: int
+    prediction: int
+    method: str
+    status: Status
+    margin_bound: Optional[float] = None
+    radius: Optional[float] = None
+    seconds: float = 0.0
+
+    def row(self) -> Dict[str, object]:
+        return {"index": self.index, "label": self.label, "prediction": self.prediction, "method": self.method,
+                "status": self.status.value, "certified": self.status is Status.CERTIFIED,
+                "margin_bound": self.margin_bound, "radius": self.radius, "seconds": round(self.seconds, 4)}
+
+
+def parse_methods(text: str) -> List[str]:
+    """``"all"`` or a comma-separated list of METHODS, in the given order."""
+    if text.strip() == "all":
+        return list(CASCADE_ORDER)
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    for method in methods:
+        if method not in METHODS:
+            raise BoundInputError(f"unknown method {method!r}; known: {', '.join(METHODS)}, all")
+    if not methods:
+        raise BoundInputError("no method given")
+    return methods
+
+
+class _CountRelu(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("relu", "relu_") and isinstance(out, torch.Tensor):
+            self.count += out[0].numel() if out.dim() > 0 else 1
+        return out
+
+
+def relu_neurons(model: nn.Module, x: torch.Tensor) -> int:
+    """Number of ReLU neurons the network evaluates on one input (every relu call, functional or module)."""
+    counter = _CountRelu()
+    with torch.no_grad(), counter:
+        model(x[:1])
+    return counter.count
+
+
+def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> None:
+    """Full CROWN runs in matrix mode here (patches mode is unsound in auto_LiRPA 0.3), whose cost
+    grows with neurons x input size: refuse networks beyond ``max_relus`` ReLU neurons."""
+    if method not in ("crown", "alpha-crown"):
+        return
+    count = relu_neurons(model, x)
+    if count > max_relus:
+        raise UnsupportedModelError(
+            f"{method}: the network has {count} ReLU neurons, more than --crown-max-relus {max_relus}; full CROWN "
+            f"runs in matrix mode (auto_LiRPA 0.3's patches mode is unsound) and would take hours here. "
+            f"Use ibp or crown-ibp, or raise the limit")
+
+
+def crown_feasible(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> bool:
+    try:
+        check_crown_size(model, x, method, max_relus)
+        return True
+    except UnsupportedModelError:
+        return False
+
+
+def check_milp_supported(model: nn.Module, input_shape: Sequence[int], norm: float, max_relus: int) -> None:
+    """Raise UnsupportedModelError (with the reason) unless ``milp`` can verify this model."""
+    from verifiers.milp import relu_layers
+    if norm != math.inf:
+        raise UnsupportedModelError("milp verifies the L-inf norm only")
+    layers = relu_layers(model, tuple(input_shape))
+    relus = sum(len(bias) for _, bias in layers[:-1])
+    if relus > max_relus:
+        raise UnsupportedModelError(f"milp: the network has {relus} ReLUs, more than --milp-max-relus {max_relus}")
+
+
+def milp_supported(model: nn.Module, input_shape: Sequence[int], norm: float, max_relus: int) -> bool:
+    try:
+        check_milp_supported(model, input_shape, norm, max_relus)
+        return True
+    except UnsupportedModelError:
+        return False
+
+
+def _milp_margins(model, x, y, eps: torch.Tensor, time_limit: float, max_relus: int, progress=None) -> List[Optional[float]]:
+    from verifiers.milp import exact_margin
+    margins = []
+    for i in range(len(x)):
+        result = exact_margin(model, x[i], int(y[i]), float(eps[i]), time_limit=time_limit, max_relus=max_relus)
+        margins.append(result.margin if result.optimal else None)
+        if progress is not None:
+            progress(1)
+    return margins
+
+
+def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: float, method: str, *,
+               batch_size: int = 64, milp_time_limit: float = 60.0, milp_max_relus: int = 2000,
+               progress: Optional[Callable[[int], None]] = None) -> List[Optional[float]]:
+    """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit)."""
+    if method == "milp":
+        return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
+    out: List[Optional[float]] = []
+    with torch.no_grad() if BoundMethod.parse(method) is not BoundMethod.ALPHA_CROWN else _null():
+        for start in range(0, len(x), batch_size):
+            part = slice(start, start + batch_size)
+            bound = margin_lower_bound(model, x[part], y[part], eps[part], norm=norm, method=method)
+            out.extend(float(v) for v in bound.detach())
+            if progress is not None:
+                progress(len(x[part]))
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, certified: torch.Tensor,
+          method: str, indices: Sequence[int], falsifier: Optional[Falsifier]) -> None:
+    """Attack every certified sample at its eps; SoundnessError if any attack succeeds."""
+    if falsifier is None or not bool(certified.any()):
+        return
+    where = certified.nonzero().flatten()
+    x_adv = falsifier(x[where], y[where], eps[where])
+    with torch.no_grad():
+        broken = model(x_adv).argmax(1) != y[where]
+    if bool(broken.any()):
+        first = int(where[broken.nonzero().flatten()[0]])
+        raise SoundnessError(f"sample {indices[first]}: method {method} certified eps {float(eps[first]):.6g}, "
+                             f"but an attack found a misclassified point in that ball; this is a bound-engine bug, "
+                             f"not a result")
+
+
+def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
+                   methods: Sequence[str], indices: Optional[Sequence[int]] = None,
+                   falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
+                   milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+                   progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+    """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified for an
+    exact milp minimum < 0). x: (B, ...) in [0, 1]; y: (B,)."""
+    norm = parse_norm(norm)
+    indices = list(range(len(x))) if indices is None else list(indices)
+    eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        prediction = model(x).argmax(1)
+    results: List[SampleResult] = []
+    for method in methods:
+        if method == "milp":
+            check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
+        check_crown_size(model, x, method, crown_max_relus)
+        began = time.perf_counter()
+        margins = margins_by(model, x, y, eps_t, norm, method, batch_size=batch_size, milp_time_limit=milp_time_limit,
+                             milp_max_relus=milp_max_relus, progress=progress)
+        seconds = (time.perf_counter() - began) / max(len(x), 1)
+        certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
+        guard(model, x, y, eps_t, certified, method, indices, falsifier)
+        for i, margin in enumerate(margins):
+            status = (Status.CERTIFIED if margin is not None and margin > 0 else
+                      Status.FALSIFIED if method == "milp" and margin is not None and margin < 0 else Status.UNKNOWN)
+            results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method, status, margin, None, seconds))
+    return results
+
+
+def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
+            methods: Sequence[str] = CASCADE_ORDER, indices: Optional[Sequence[int]] = None,
+            falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
+            milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+            progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+    """Cheap methods first, each on the samples still undecided; one final result per sample,
+    whose ``method`` names what decided it ("clean" / "attack" for falsified, "-" for unknown).
+    ``milp`` is skipped (not an error) when the model is not a small ReLU MLP or the norm is L2, and
+    crown / alpha-crown when the network has more than ``crown_max_relus`` ReLU neurons."""
+    norm = parse_norm(norm)
+    indices = list(range(len(x))) if indices is None else list(indices)
+    eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        prediction = model(x).argmax(1)
+    final: Dict[int, SampleResult] = {}
+    for i in (prediction != y).nonzero().flatten().tolist():
+        final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), "clean", Status.FALSIFIED, None)
+    undecided = [i for i in range(len(x)) if i not in final]
+    if falsifier is not None and undecided and eps > 0:
+        where = torch.tensor(undecided, device=x.device)
+        with torch.no_grad():
+            broken = model(falsifier(x[where], y[where], eps_t[where])).argmax(1) != y[where]
+        for k in broken.nonzero().flatten().tolist():
+            i = undecided[k]
+            final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), "attack", Status.FALSIFIED, None)
+        undecided = [i for i in undecided if i not in final]
+    for method in methods:
+        if not undecided:
+            break
+        if method == "milp" and not milp_supported(model, x.shape[1:], norm, milp_max_relus):
+            continue
+        if not crown_feasible(model, x, method, crown_max_relus):
+            continue
+        where = torch.tensor(undecided, device=x.device)
+        began = time.perf_counter()
+        margins = margins_by(model, x[where], y[where], eps_t[where], norm, method, batch_size=batch_size,
+                             milp_time_limit=milp_time_limit, milp_max_relus=milp_max_relus, progress=progress)
+        seconds = (time.perf_counter() - began) / len(undecided)
+        certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
+        guard(model, x[where], y[where], eps_t[where], certified, method, [indices[i] for i in undecided], falsifier)
+        for k, margin in enumerate(margins):
+            i = undecided[k]
+            if margin is not None and margin > 0:
+                final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.CERTIFIED, margin,
+                                        None, seconds)
+            elif method == "milp" and margin is not None and margin < 0:
+                final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.FALSIFIED, margin,
+                                        None, seconds)
+        undecided = [i for i in undecided if i not in final]
+    for i in undecided:
+        final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), "-", Status.UNKNOWN)
+    return [final[i] for i in range(len(x))]
+
+
+def milp_radius(model: nn.Module, x: torch.Tensor, y: int, *, eps_max: float, steps: int, time_limit: float,
+                max_relus: int = 2000) -> float:
+    """Largest eps (to ``eps_max / 2**steps``) at which the exact MILP margin is positive. A solve
+    that hits ``time_limit`` counts as not certified, so the result stays a sound lower bound.
+    ``eps_max`` may be an attack radius: the exact radius is never above it."""
+    from verifiers.milp import exact_margin
+    lower, upper = 0.0, eps_max
+
+    def positive(eps):
+        result = exact_margin(model, x, y, eps, time_limit=time_limit, max_relus=max_relus)
+        return result.optimal and result.margin > 0
+
+    if eps_max <= 0 or not positive(0.0):
+        return 0.0
+    if positive(eps_max):
+        return eps_max
+    for _ in range(steps):
+        middle = (lower + upper) / 2
+        if positive(middle):
+            lower = middle
+        else:
+            upper = middle
+    return lower
+
+
+def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", methods: Sequence[str],
+          eps_max: float = 0.5, steps: int = 12, indices: Optional[Sequence[int]] = None,
+          falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
+          milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+          progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+    """Certified radius per sample and method (batched bisection; per-sample MILP bisection for
+    milp), each attacked at its radius by the guard. Radii are within ``eps_max / 2**steps`` below
+    the bisection limit of the method."""
+    from verifiers.radius import certified_radius
+    norm = parse_norm(norm)
+    indices = list(range(len(x))) if indices is None else list(indices)
+    with torch.no_grad():
+        prediction = model(x).argmax(1)
+    results: List[SampleResult] = []
+    for method in methods:
+        check_crown_size(model, x, method, crown_max_relus)
+        began = time.perf_counter()
+        if method == "milp":
+            check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
+            # the exact radius lies below any attack radius: bisect on [0, attack radius]
+            upper = (attack_radius(model, x, y, falsifier, eps_max=eps_max, steps=steps) if falsifier is not None
+                     else torch.full((len(x),), float(eps_max)))
+            values = []
+            for i in range(len(x)):
+                values.append(milp_radius(model, x[i], int(y[i]), eps_max=float(upper[i]), steps=steps,
+                                          time_limit=milp_time_limit, max_relus=milp_max_relus))
+                if progress is not None:
+                    progress(1)
+            radius = torch.tensor(values, device=x.device, dtype=x.dtype)
+        else:
+            parts = []
+            for start in range(0, len(x), batch_size):
+                part = slice(start, start + batch_size)
+                parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=eps_max,
+                                              steps=steps))
+                if progress is not None:
+                    progress(len(x[part]))
+            radius = torch.cat(parts)
+        seconds = (time.perf_counter() - began) / max(len(x), 1)
+        guard(model, x, y, radius, radius > 0, method, indices, falsifier)
+        for i in range(len(x)):
+            r = float(radius[i])
+            results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method,
+                                        Status.CERTIFIED if r > 0 else Status.UNKNOWN, None, r, seconds))
+    return results
+
+
+def attack_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, falsifier: Falsifier, *, eps_max: float,
+                  steps: int) -> torch.Tensor:
+    """(B,) the smallest eps (to ``eps_max / 2**steps``) at which ``falsifier`` found a misclassified
+    point: an upper bound on each sample's true robust radius (0 if misclassified; eps_max if never)."""
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    lower = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+    upper = torch.full((len(x),), float(eps_max), device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        broken_at_max = model(falsifier(x, y, upper)).argmax(1) != y
+    active = correct & broken_at_max
+    for _ in range(steps):
+        if not bool(active.any()):
+            break
+        where = active.nonzero().flatten()
+        middle = (lower[where] + upper[where]) / 2
+        with torch.no_grad():
+            broken = model(falsifier(x[where], y[where], middle)).argmax(1) != y[where]
+        upper[where] = torch.where(broken, middle, upper[where])
+        lower[where] = torch.where(broken, lower[where], middle)
+    return torch.where(correct, upper, torch.zeros_like(upper))
+
+
+def summarize(values: Sequence[float]) -> Dict[str, float]:
+    values = list(values)
+    if not values:
+        return {"mean": float("nan"), "median": float("nan")}
+    return {"mean": float(statistics.fmean(values)), "median": float(statistics.median(values))}
