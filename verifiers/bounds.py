@@ -108,6 +108,34 @@ def _check_graph(bounded: "lirpa.BoundedModule", model: nn.Module) -> None:
                 f"(graph node {node.name}) is not supported")
 
 
+# auto_LiRPA 0.3's IBP represents an L2 ball at the input as the zero-width interval [x, x] plus the
+# perturbation; only linear layers (and shape-only nodes passing it on) read the perturbation, any
+# other consumer (a Sub, Mul, Add, ReLU, ...) silently bounds the centre point alone. That made L2
+# IBP / CROWN-IBP unsound on a network whose first layer was (x - mean) * inv_std (caught by the
+# soundness guard of certnas verify; tests/verifiers/test_bounds_api.py).
+_LP_AWARE_NODES = {"BoundConv", "BoundLinear", "BoundMatMul"}
+_SHAPE_ONLY_NODES = {"BoundFlatten", "BoundReshape", "BoundIdentity", "BoundDropout"}
+
+
+def _check_l2_input_path(bounded: "lirpa.BoundedModule", model: nn.Module) -> None:
+    """Raise UnsupportedModelError unless every consumer of the L2-perturbed input is a linear layer."""
+    frontier = [node for node in bounded._modules.values()
+                if type(node).__name__ == "BoundInput" and node.perturbed]
+    while frontier:
+        node = frontier.pop()
+        for name in node.output_name:
+            child = bounded._modules[name]
+            kind = type(child).__name__
+            if kind in _SHAPE_ONLY_NODES:
+                frontier.append(child)
+            elif kind not in _LP_AWARE_NODES:
+                raise UnsupportedModelError(
+                    f"cannot bound {type(model).__name__} in L2 with IBP / CROWN-IBP: the input goes first into "
+                    f"{kind[5:] or kind} (graph node {child.name}), and auto_LiRPA 0.3 bounds an L2 ball soundly "
+                    f"only through a first Linear / Conv layer (write input normalisation as a convolution, "
+                    f"as certnas' Normalize does, or use --method crown)")
+
+
 class _ScaledInput(nn.Module):
     """``model(centre + scale * z)``: a per-sample L2 radius becomes a unit ball in ``z``."""
 
@@ -253,6 +281,11 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
     if not bounded._certnas_checked:
         _check_graph(bounded, model)
         bounded._certnas_checked = True
+    # (after compute_bounds: auto_LiRPA marks the perturbed nodes while computing)
+    if norm != math.inf and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP) and not scaled \
+            and not getattr(bounded, "_certnas_l2_checked", False):
+        _check_l2_input_path(bounded, model)
+        bounded._certnas_l2_checked = True
     _release(bounded)
     if method is BoundMethod.ALPHA_CROWN:
         lower = lower.detach()

@@ -186,3 +186,40 @@ def test_training_mode_bounds_are_sound(method):
 def test_inputs_outside_the_unit_interval_are_rejected(net):
     with pytest.raises(BoundInputError, match=r"pixels in \[0, 1\]"):
         compute_bounds(net, torch.rand(2, 1, 8, 8) * 3 - 1, 0.1)
+
+
+class _SubFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.linear(((x - 0.5) * 2.0).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_l2_ibp_refuses_an_input_that_does_not_enter_a_linear_layer_first(method):
+    """auto_LiRPA 0.3 bounded the L2 ball as the centre point alone through an elementwise op (unsound)."""
+    from verifiers.errors import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="first Linear / Conv"):
+        compute_bounds(_SubFirst(), torch.rand(2, 1, 4, 4), 0.1, norm="2", method=method)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_l2_bounds_of_normalised_certnas_networks_are_sound(method):
+    import math as _math
+    from certnas.space.genotype import NAMED
+    from certnas.space.network import NetworkConfig, build_network
+    from tests.violation import max_violation
+    for config in (NetworkConfig("mlp", 1, 6, 4, (0.3,), (0.2,), hidden=(12, 12)),
+                   NetworkConfig("darts", 1, 8, 4, (0.3,), (0.2,), genotype=NAMED["PC_DARTS"].to_dict(), layers=3,
+                                 init_channels=4)):
+        if method == "crown" and config.kind == "darts":
+            continue
+        torch.manual_seed(0)
+        net = build_network(config).eval()
+        x = torch.rand(3, 1, config.image_size, config.image_size)
+        eps = torch.full((3,), 0.3)
+        lower, upper = compute_bounds(net, x, eps, norm="2", method=method)
+        assert (upper - lower).min() > 0  # not the zero-width interval of the centre point
+        assert max_violation(net, x, eps, 2.0, lower.detach(), upper.detach(), samples=32, pgd_steps=20) <= 1e-5
