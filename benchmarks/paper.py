@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,6 +70,10 @@ class Scale:
     mnist: str = "mnist-embedded"
     image_size: int = 32
     radius_max: Dict[str, float] = field(default_factory=lambda: {"inf": 0.5, "2": 5.0})
+    # Log-space bisection from 1e-6: certified radii of standard-trained DARTS networks span many
+    # orders of magnitude. Below ~1e-7 a float32 pixel near 1 cannot move at all, so smaller "radii"
+    # would certify rounding, not robustness.
+    radius_min: float = 1e-6
 
 
 SCALES = {
@@ -78,7 +82,7 @@ SCALES = {
                  search={"layers": 3, "init_channels": 4, "epochs": 2, "train_limit": 256, "val_limit": 256,
                          "batch_size": 32, "metric_samples": 8},
                  train={"layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000},
-                 attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=8,
+                 attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
                  verify_pgd_steps=10,
                  eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                  verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}}),
@@ -179,6 +183,7 @@ class Pipeline:
                                                                         VerifyConfig.crown_max_relus) else ())
         config = VerifyConfig(methods=methods, eps=self.scale.verify_eps[dataset][norm], norm=norm, n=self.scale.verify_n,
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
+                              radius_min=self.scale.radius_min,
                               pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset), device=self.device)
         folder = self._stage("verify", config_hash("verify", asdict(config), model.parent.name), "verify.json",
                              lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet))
@@ -227,6 +232,17 @@ def _mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _mean_std_sci(values: List[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3g}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3g} ± {std:.2g}"
+
+
 def _reported(kind: str, dataset: str, row: str, column: str) -> str:
     value = REPORTED.get((kind, dataset, row, column))
     return "" if value is None else f"{value:g}"
@@ -266,11 +282,10 @@ def certified_table(records: List[Dict], dataset: str):
                     line[f"{label} {method} mean / median"] = "n/a"
                     continue
                 line[f"{label} {method} mean / median"] = (
-                    f"{_mean_std([s['mean'] for s in stats if s], digits=4)} / "
-                    f"{_mean_std([s['median'] for s in stats if s], digits=4)}")
+                    f"{_mean_std_sci([s['mean'] for s in stats if s])} / {_mean_std_sci([s['median'] for s in stats if s])}")
             upper = [r[f"radius_{norm}"].get(next(k for k in r[f"radius_{norm}"] if k.endswith("(upper)")))
                      for r in mine]
-            line[f"{label} PGD radius (upper) mean"] = _mean_std([u["mean"] for u in upper], digits=4)
+            line[f"{label} PGD radius (upper) mean"] = _mean_std_sci([u["mean"] for u in upper])
             line[f"{label} verified acc. % at eps {mine[0][f'verify_eps_{norm}']:g} (crown-ibp)"] = _mean_std(
                 [_verified_at(r, norm) for r in mine], 100)
         reported = _reported("certified", dataset, row, "L2 mean")

@@ -279,6 +279,8 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
 @click.option("--radius-max", type=EPS, default=None, help="Upper end of the radius search (default 0.5 L-inf, 5 L2).")
 @click.option("--radius-steps", type=int, default=12, show_default=True,
               help="Bisection steps: radii are within radius-max / 2**steps.")
+@click.option("--radius-min", type=EPS, default="0", show_default=True,
+              help="> 0: bisect in log space on [radius-min, radius-max] (radii spanning many orders of magnitude).")
 @click.option("--pgd-steps", type=int, default=50, show_default=True,
               help="Steps of the PGD that gives the upper bound and guards every certificate.")
 @click.option("--milp-time-limit", type=float, default=60.0, show_default=True,
@@ -291,14 +293,14 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
 @click.pass_context
 @_fail_cleanly
 def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, radius, radius_max, radius_steps,
-           pgd_steps, milp_time_limit, crown_max_relus, batch_size, out):
+           radius_min, pgd_steps, milp_time_limit, crown_max_relus, batch_size, out):
     """Verified accuracy at --eps (and certified radii) of MODEL, never reporting a false certificate."""
     from certnas.verify_run import VerifyConfig, run_verify
     from verifiers.verify import parse_methods
     _check_device(device)
     chosen = ("all",) if methods.strip() == "all" else tuple(parse_methods(methods))
     config = VerifyConfig(methods=chosen, eps=eps, norm=norm, n=n, radius=radius, radius_max=radius_max,
-                          radius_steps=radius_steps, pgd_steps=pgd_steps, milp_time_limit=milp_time_limit,
+                          radius_steps=radius_steps, radius_min=radius_min, pgd_steps=pgd_steps, milp_time_limit=milp_time_limit,
                           crown_max_relus=crown_max_relus, batch_size=batch_size, data=data,
                           data_root=str(data_root) if data_root else None, seed=seed, device=device)
     out = out if out is not None else Path(model).parent

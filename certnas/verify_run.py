@@ -34,6 +34,7 @@ class VerifyConfig:
     radius: bool = False
     radius_max: Optional[float] = None
     radius_steps: int = 12
+    radius_min: float = 0.0
     pgd_steps: int = 50
     pgd_restarts: int = 1
     batch_size: int = 64
@@ -122,7 +123,7 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
         if config.radius:
             radius_methods = [m for m in methods if m not in skipped]
             found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
-                          steps=config.radius_steps, progress=bar.update, **common)
+                          steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update, **common)
             rows += [{**r.row(), "mode": "radius"} for r in found]
             for method in radius_methods:
                 values = [r.radius for r in found if r.method == method]
@@ -135,7 +136,9 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
                              "margin_bound": None, "radius": value, "seconds": None, "mode": "radius"})
     summary = {"model": str(model_path), "data": evaluation.data, "n": len(x), "eps": config.eps, "norm": config.norm,
                "results": summary_rows, "radius": radius_summary, "skipped": skipped,
-               "radius_tolerance": config.eps_max / 2 ** config.radius_steps if config.radius else None,
+               "radius_tolerance": (None if not config.radius else
+                                    f"factor {(config.eps_max / config.radius_min) ** (1 / 2 ** config.radius_steps):.6g}"
+                                    if config.radius_min > 0 else config.eps_max / 2 ** config.radius_steps),
                "settings": asdict(config), "versions": environment()}
     if out is not None:
         out = Path(out)

@@ -12,7 +12,7 @@ from verifiers.bounds import BoundMethod, margin_lower_bound
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Union[float, str] = math.inf,
                      method: Union[str, BoundMethod] = "crown-ibp", eps_max: float = 1.0,
-                     steps: int = 15) -> torch.Tensor:
+                     steps: int = 15, eps_min: float = 0.0) -> torch.Tensor:
     """Per-sample certified radius by bisection on [0, eps_max], all samples at once.
 
     x: (B, ...) in [0, 1]; y: (B,). Returns (B,) radii in pixel units; each returned radius is one
@@ -20,12 +20,19 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     certified, e.g. a misclassified sample), so the result is sound even where bounds are not
     monotone in eps. After ``steps`` halvings the true bisection radius lies within
     ``eps_max / 2**steps`` above the returned value.
+
+    eps_min > 0 bisects in log space on [eps_min, eps_max] (as CNN-Cert does), for networks whose
+    radii span many orders of magnitude: 0 is returned where even eps_min is not certified, and the
+    true bisection radius lies within a factor ``(eps_max / eps_min) ** (1 / 2**steps)`` above.
+    Keep eps_min above the input's float resolution (about 1e-7 for float32 pixels in [0, 1]):
+    below it the ball holds no representable point other than x, and a "radius" certifies rounding.
     """
     batch = x.shape[0]
-    lower = torch.zeros(batch, device=x.device, dtype=x.dtype)
+    log = eps_min > 0
+    lower = torch.full((batch,), float(eps_min) if log else 0.0, device=x.device, dtype=x.dtype)
     upper = torch.full((batch,), float(eps_max), device=x.device, dtype=x.dtype)
     with torch.no_grad():
-        certified_zero = margin_lower_bound(model, x, y, 0.0, norm=norm, method=method) > 0
+        certified_zero = margin_lower_bound(model, x, y, float(eps_min), norm=norm, method=method) > 0
         at_max = margin_lower_bound(model, x, y, upper, norm=norm, method=method) > 0
         lower = torch.where(at_max, upper, lower)
         active = certified_zero & ~at_max
@@ -33,8 +40,8 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
             if not active.any():
                 break
             index = active.nonzero().flatten()
-            middle = (lower[index] + upper[index]) / 2
+            middle = (lower[index] * upper[index]).sqrt() if log else (lower[index] + upper[index]) / 2
             ok = margin_lower_bound(model, x[index], y[index], middle, norm=norm, method=method) > 0
             lower[index] = torch.where(ok, middle, lower[index])
             upper[index] = torch.where(ok, upper[index], middle)
-    return lower
+    return torch.where(certified_zero, lower, torch.zeros_like(lower))

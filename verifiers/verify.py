@@ -300,7 +300,7 @@ def milp_radius(model: nn.Module, x: torch.Tensor, y: int, *, eps_max: float, st
 
 
 def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", methods: Sequence[str],
-          eps_max: float = 0.5, steps: int = 12, indices: Optional[Sequence[int]] = None,
+          eps_max: float = 0.5, steps: int = 12, eps_min: float = 0.0, indices: Optional[Sequence[int]] = None,
           falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
           milp_max_relus: int = 2000, crown_max_relus: int = 4000,
           progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
@@ -333,7 +333,7 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
             for start in range(0, len(x), batch_size):
                 part = slice(start, start + batch_size)
                 parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=eps_max,
-                                              steps=steps))
+                                              steps=steps, eps_min=eps_min))
                 if progress is not None:
                     progress(len(x[part]))
             radius = torch.cat(parts)

@@ -207,7 +207,6 @@ def test_l2_ibp_refuses_an_input_that_does_not_enter_a_linear_layer_first(method
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
 def test_l2_bounds_of_normalised_certnas_networks_are_sound(method):
-    import math as _math
     from certnas.space.genotype import NAMED
     from certnas.space.network import NetworkConfig, build_network
     from tests.violation import max_violation

@@ -91,3 +91,17 @@ def test_crown_refuses_large_networks_and_milp_refuses_unsupported_ones():
     with pytest.raises(UnsupportedModelError, match="L-inf"):
         verify_methods(_tiny(0)[0], x, y, 0.01, methods=["milp"], norm="2")
     assert parse_methods("all")[0] == "ibp"
+
+
+def test_log_space_radius_is_certified_where_returned_and_close_to_the_linear_bisection():
+    from verifiers.bounds import margin_lower_bound
+    from verifiers.radius import certified_radius
+    model, x, y = _tiny(6)
+    linear = certified_radius(model, x, y, method="crown-ibp", eps_max=0.5, steps=20)
+    log = certified_radius(model, x, y, method="crown-ibp", eps_max=0.5, steps=12, eps_min=1e-6)
+    positive = log > 0
+    assert positive.any()
+    bound = margin_lower_bound(model, x[positive], y[positive], log[positive], method="crown-ibp")
+    assert (bound > 0).all()  # every returned radius is certified
+    factor = (0.5 / 1e-6) ** (1 / 2 ** 12)
+    assert torch.allclose(log[positive], linear[positive], rtol=factor - 1 + 1e-4)
