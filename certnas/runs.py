@@ -87,6 +87,23 @@ def check_same_config(out: Path, config: Any) -> None:
         raise ConfigError(f"--resume: the settings differ from those saved in {path} ({', '.join(changed)})")
 
 
+def start_run(config: Any, out: Path, *, resume: bool, force: bool):
+    """What search and training do first: validate, prepare ``out`` (resume with the same settings
+    only), seed, load the data, record config.json and environment.json. Returns ``(out, splits)``."""
+    from dataclasses import asdict
+    from certnas.data import load_data
+    config.validate()
+    out = prepare_run_folder(Path(out), resume=resume, force=force)
+    if resume:
+        check_same_config(out, config)
+    seed_everything(config.seed)
+    splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
+                       image_size=config.image_size)
+    atomic_write_json(out / "config.json", asdict(config))
+    atomic_write_json(out / "environment.json", environment())
+    return out, splits
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -20,10 +20,8 @@ import torch.nn.functional as F
 
 from certnas.attacks import PGD
 from certnas.config import ConfigError
-from certnas.data import load_data
 from certnas.metrics import METRICS, MetricConfig, robustness
-from certnas.runs import (atomic_write_json, check_same_config, collate, environment, epoch_batches,
-                          prepare_run_folder, run_epochs, seed_everything)
+from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
 from certnas.space.supernet import SearchNetwork
 
 log = logging.getLogger(__name__)
@@ -220,16 +218,8 @@ class Searcher:
 
 def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict:
     """Run (or resume) a search into ``out``; returns the final record (genotype and settings)."""
-    config.validate()
-    out = prepare_run_folder(Path(out), resume=resume, force=force)
-    if resume:
-        check_same_config(out, config)
-    seed_everything(config.seed)
-    splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
-                       image_size=config.image_size)
+    out, splits = start_run(config, out, resume=resume, force=force)
     searcher = Searcher(config, splits.info)
-    atomic_write_json(out / "config.json", asdict(config))
-    atomic_write_json(out / "environment.json", environment())
     train_count = min(len(splits.train), config.train_limit or len(splits.train))
     batches = math.ceil(train_count / config.batch_size)
     device = searcher.device

@@ -27,10 +27,9 @@ from torch.utils.data import ConcatDataset
 
 from certnas.attacks import PGD
 from certnas.config import ConfigError
-from certnas.data import DataInfo, load_data
+from certnas.data import DataInfo
 from certnas.io import save_model
-from certnas.runs import (atomic_write_json, check_same_config, collate, environment, epoch_batches, prepare_run_folder,
-                          run_epochs, seed_everything)
+from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
 from certnas.space.network import NetworkConfig, build_network
 
@@ -194,17 +193,9 @@ def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Train into ``out`` (checkpoint.pt each epoch, history.csv, model.pt at the end); returns the
     summary also written to ``summary.json``."""
-    config.validate()
-    out = prepare_run_folder(Path(out), resume=resume, force=force)
-    if resume:
-        check_same_config(out, config)
-    seed_everything(config.seed)
-    splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
-                       image_size=config.image_size)
+    out, splits = start_run(config, out, resume=resume, force=force)
     network = network_config(config, splits.info)
     trainer = Trainer(config, network)
-    atomic_write_json(out / "config.json", asdict(config))
-    atomic_write_json(out / "environment.json", environment())
     train_set = ConcatDataset([splits.train, splits.val])
     count = min(len(train_set), config.train_limit or len(train_set))
     steps_per_epoch = math.ceil(count / config.batch_size)

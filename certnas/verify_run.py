@@ -130,8 +130,9 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
                 radius_summary[method] = summarize(values)
             upper = attack_radius(model, x, y, falsifier, eps_max=config.eps_max, steps=config.radius_steps)
             radius_summary[f"pgd-{config.pgd_steps} (upper)"] = summarize(upper.tolist())
+            prediction = predict(model, x).tolist()
             for i, value in enumerate(upper.tolist()):
-                rows.append({"index": indices[i], "label": int(y[i]), "prediction": int(predict(model, x[i:i + 1])[0]),
+                rows.append({"index": indices[i], "label": int(y[i]), "prediction": prediction[i],
                              "method": f"pgd-{config.pgd_steps}", "status": "attack-radius", "certified": False,
                              "margin_bound": None, "radius": value, "seconds": None, "mode": "radius"})
     summary = {"model": str(model_path), "data": evaluation.data, "n": len(x), "eps": config.eps, "norm": config.norm,

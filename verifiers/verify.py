@@ -18,6 +18,7 @@ depends on no attack library.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import statistics
@@ -156,7 +157,7 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
     if method == "milp":
         return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
     out: List[Optional[float]] = []
-    with torch.no_grad() if BoundMethod.parse(method) is not BoundMethod.ALPHA_CROWN else _null():
+    with torch.no_grad() if BoundMethod.parse(method) is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             bound = margin_lower_bound(model, x[part], y[part], eps[part], norm=norm, method=method)
@@ -164,14 +165,6 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
             if progress is not None:
                 progress(len(x[part]))
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, certified: torch.Tensor,

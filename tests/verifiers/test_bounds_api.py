@@ -222,3 +222,22 @@ def test_l2_bounds_of_normalised_certnas_networks_are_sound(method):
         lower, upper = compute_bounds(net, x, eps, norm="2", method=method)
         assert (upper - lower).min() > 0  # not the zero-width interval of the centre point
         assert max_violation(net, x, eps, 2.0, lower.detach(), upper.detach(), samples=32, pgd_steps=20) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_per_class_margin_bounds_hold_at_sampled_and_attacked_points(method):
+    """margin_lower_bounds (the certified-training loss input): m_j <= logit_y - logit_j in the ball."""
+    from certnas.attacks import PGD
+    from verifiers.bounds import margin_lower_bounds
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).eval()
+    x, y, eps = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 3]), 0.05
+    bounds_ = margin_lower_bounds(net, x, y, eps, method=method).detach()
+    assert (bounds_.gather(1, y.view(-1, 1)) == 0).all()
+    points = [(x + (torch.rand_like(x) * 2 - 1) * eps).clamp(0, 1) for _ in range(64)]
+    points.append(PGD(net, eps, steps=30, loss="cw")(x, y))
+    with torch.no_grad():
+        for point in points:
+            logits = net(point)
+            margins = logits.gather(1, y.view(-1, 1)) - logits
+            assert (margins >= bounds_ - 1e-5).all()
