@@ -156,7 +156,9 @@ class Pipeline:
         config = TrainConfig(**self.scale.train, genotype=str(searched / "genotype.json"), data=self._data(dataset),
                              data_root=self._root(dataset), image_size=self.scale.image_size, seed=seed,
                              device=self.device)
-        key = config_hash("train", asdict(config), searched.name)
+        # The genotype path is where this clone keeps its cache: the key names the search stage instead,
+        # so a moved or cloned results folder keeps its cache.
+        key = config_hash("train", {**asdict(config), "genotype": None}, searched.name)
         return self._stage("train", key, "model.pt",
                            lambda folder, resume: train(config, folder, resume=resume, force=not resume, quiet=self.quiet))
 

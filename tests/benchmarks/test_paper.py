@@ -20,3 +20,7 @@ def test_paper_pipeline_runs_end_to_end_and_reuses_its_cache(tmp_path):
     stages = sorted(p.name for p in (out / "cache").iterdir())
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(out)])  # all cached
     assert sorted(p.name for p in (out / "cache").iterdir()) == stages
+    moved = tmp_path / "elsewhere"  # a cloned or moved results folder keeps its cache
+    out.rename(moved)
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved)])
+    assert sorted(p.name for p in (moved / "cache").iterdir()) == stages
