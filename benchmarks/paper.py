@@ -74,6 +74,9 @@ class Scale:
     # orders of magnitude. Below ~1e-7 a float32 pixel near 1 cannot move at all, so smaller "radii"
     # would certify rounding, not robustness.
     radius_min: float = 1e-6
+    # ImageNet transfer: the CIFAR-10 cell trained on ImageNet. image_size, attack eps (L-inf, pixels)
+    # and the training settings that differ from ``train``.
+    imagenet: Dict[str, Any] = field(default_factory=lambda: {"image_size": 32, "eps": 1 / 255, "train": {}})
 
 
 SCALES = {
@@ -85,7 +88,9 @@ SCALES = {
                  attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
                  verify_pgd_steps=10,
                  eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
-                 verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}}),
+                 verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
+                 # Downsampled (32x32) ImageNet, as in Chrabaszcz et al. 2017, on a 10,000-image subset.
+                 imagenet={"image_size": 32, "eps": 1 / 255, "train": {"train_limit": 10000, "eval_limit": 1000}}),
     # For the end-to-end test only: seconds.
     "tiny": Scale("tiny",
                   search={"layers": 3, "init_channels": 4, "steps": 2, "multiplier": 2, "epochs": 1, "train_limit": 16,
@@ -93,7 +98,8 @@ SCALES = {
                   train={"layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50},
                   attack_n=10, attack_steps=3, autoattack_version="fast", verify_n=8, radius_steps=3, verify_pgd_steps=2,
                   eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
-                  verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}}),
+                  verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
+                  imagenet={"image_size": 16, "eps": 1 / 255, "train": {}}),
     # The paper's settings (a GPU run): search 8 cells / 16 channels / 50 epochs, final 20 / 36 / 600.
     "paper": Scale("paper",
                    search={"layers": 8, "init_channels": 16, "epochs": 50, "train_limit": 0, "val_limit": 0,
@@ -104,7 +110,11 @@ SCALES = {
                    verify_pgd_steps=50,
                    eps={"mnist": {"inf": 0.1, "2": 1.0}, "cifar10": {"inf": 8 / 255, "2": 0.5}},
                    verify_eps={"mnist": {"inf": 0.01, "2": 0.1}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
-                   mnist="mnist"),
+                   mnist="mnist",
+                   # DARTS' ImageNet mobile setting: 14 cells, 48 channels, 224 pixels, ImageNet stems.
+                   imagenet={"image_size": 224, "eps": 1 / 255,
+                             "train": {"layers": 14, "init_channels": 48, "epochs": 250, "batch_size": 128,
+                                       "stem": "imagenet", "drop_path": 0.0}}),
 }
 
 
@@ -128,7 +138,7 @@ class Pipeline:
             return f"no --data-root given for {name}"
         from certnas.data import DataError, load_data
         try:
-            load_data(name, self.data_root, image_size=self.scale.image_size)
+            load_data(name, self.data_root, image_size=self._image_size(name))
         except DataError as error:
             return str(error)
         return None
@@ -186,6 +196,31 @@ class Pipeline:
                              lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet))
         return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv"}
 
+    def transfer(self, row: str, seed: int) -> Dict[str, Any]:
+        """The row's CIFAR-10 cell trained on ImageNet, then FGSM / PGD at the scale's ImageNet eps."""
+        searched = self.search(row, "cifar10", seed)
+        settings = {**self.scale.train, **self.scale.imagenet["train"]}
+        config = TrainConfig(**settings, genotype=str(searched / "genotype.json"), data="imagenet",
+                             data_root=self._root("imagenet"), image_size=self._image_size("imagenet"), seed=seed,
+                             device=self.device)
+        key = config_hash("transfer", {**asdict(config), "genotype": None}, searched.name)
+        trained = self._stage("transfer", key, "model.pt",
+                              lambda folder, resume: train(config, folder, resume=resume, force=not resume,
+                                                           quiet=self.quiet))
+        summary = json.loads((trained / "summary.json").read_text())
+        record: Dict[str, Any] = {"row": row, "dataset": "imagenet", "seed": seed, "scale": self.scale.name,
+                                  "cell_searched_on": "cifar10", "train_test_acc": summary["test_acc"],
+                                  "train_test_top5_acc": summary.get("test_top5_acc"),
+                                  "test_samples": summary["test_samples"]}
+        attack = AttackConfig(attacks=("fgsm", "pgd"), eps=self.scale.imagenet["eps"], norm="inf",
+                              steps=self.scale.attack_steps, n=self.scale.attack_n, data_root=self._root("imagenet"),
+                              device=self.device)
+        folder = self._stage("attack", config_hash("attack", asdict(attack), trained.name), "attack.json",
+                             lambda folder, resume: run_attacks(attack, trained / "model.pt", folder, quiet=self.quiet))
+        for result in json.loads((folder / "attack.json").read_text())["results"]:
+            record[f"attack_{result['attack']}_inf"] = result["robust_accuracy"]
+        return record
+
     def record(self, row: str, dataset: str, seed: int) -> Dict[str, Any]:
         """One row, seed and dataset through the whole pipeline; returns its record."""
         searched = self.search(row, dataset, seed)
@@ -204,6 +239,9 @@ class Pipeline:
             record[f"verify_eps_{norm}"] = self.scale.verify_eps[dataset][norm]
             record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
         return record
+
+    def _image_size(self, name: str) -> int:
+        return self.scale.imagenet["image_size"] if name == "imagenet" else self.scale.image_size
 
     def _data(self, dataset: str) -> str:
         return self.scale.mnist if dataset == "mnist" else dataset
@@ -333,6 +371,21 @@ def clean_table(records: List[Dict], dataset: str):
     return pd.DataFrame(out)
 
 
+def imagenet_table(records: List[Dict], scale: Scale):
+    import pandas as pd
+    out = []
+    for row in ROWS:
+        mine = [r for r in records if r["row"] == row and r["dataset"] == "imagenet"]
+        if mine:
+            out.append({"row": row, "seeds": len(mine),
+                        "top-1 (%)": _mean_std([r["train_test_acc"] for r in mine], 100),
+                        "top-5 (%)": _mean_std([r["train_test_top5_acc"] for r in mine], 100),
+                        f"FGSM (%) at {scale.imagenet['eps']:.4g}": _mean_std([r.get("attack_fgsm_inf") for r in mine], 100),
+                        f"PGD-{scale.attack_steps} (%) at {scale.imagenet['eps']:.4g}":
+                            _mean_std([r.get("attack_pgd_inf") for r in mine], 100)})
+    return pd.DataFrame(out)
+
+
 def markdown(frame) -> str:
     """A pipe table (pandas' to_markdown needs the optional tabulate package)."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
@@ -412,19 +465,26 @@ def main(argv=None) -> int:
     pipeline = Pipeline(scale, out, args.data_root, args.device, quiet=not args.verbose)
     tables = list(TABLES) if args.table == "all" else [args.table]
     datasets = {"mnist": pipeline.available(scale.mnist), "cifar10": pipeline.available("cifar10")}
-    wanted = {"mnist"} if set(tables) <= {"game-mnist"} else {"cifar10"} if tables == ["game-cifar10"] else {"mnist", "cifar10"}
+    transfer = None
+    if "imagenet" in tables:  # the CIFAR-10 cell, trained on ImageNet
+        transfer = pipeline.available("imagenet") or (datasets["cifar10"] and
+                                                      f"the transferred cell is searched on CIFAR-10: {datasets['cifar10']}")
+    wanted = ({"mnist"} if set(tables) <= {"game-mnist"} else set() if tables == ["imagenet"]
+              else {"cifar10"} if tables == ["game-cifar10"] else {"mnist", "cifar10"})
     atomic_write_json(out / "run.json", {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.paper", *sys.argv[1:]])
                                          if argv is None else "benchmarks.paper " + " ".join(argv),
                                          "scale": asdict(scale), "seeds": args.seeds, "rows": rows,
-                                         "datasets": {k: v or "available" for k, v in datasets.items()},
+                                         "datasets": {**{k: v or "available" for k, v in datasets.items()},
+                                                      **({"imagenet": transfer or "available"} if "imagenet" in tables else {})},
                                          "versions": environment()})
     records: List[Dict] = []
     records_path = out / "records.jsonl"
     from tqdm import tqdm
     jobs = [(seed, dataset, row) for seed in range(args.seeds) for dataset in ("mnist", "cifar10")
             if dataset in wanted and datasets[dataset] is None for row in rows]
+    jobs += [(seed, "imagenet", row) for seed in range(args.seeds) for row in rows if "imagenet" in tables and not transfer]
     for seed, dataset, row in tqdm(jobs, desc="paper", dynamic_ncols=True):
-        records.append(pipeline.record(row, dataset, seed))
+        records.append(pipeline.transfer(row, seed) if dataset == "imagenet" else pipeline.record(row, dataset, seed))
         atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
     note = (f"Scale `{scale.name}`; {args.seeds} seed(s); mean ± std over seeds (sample std). Values in the "
             f"'reported by others' columns come from ../shared/paper_reported.md (the paper's setting, not ours).")
@@ -460,9 +520,17 @@ def main(argv=None) -> int:
                         note + " Wall-clock seconds of the search on this machine; the ratio is to DARTS on the same "
                         "machine. The reported GPU-days are the paper's, on a GTX 1080Ti at the paper's scale.")
     if "imagenet" in tables:
-        reason = pipeline.available("imagenet") or ("ImageNet is present, but the transfer stage (training the "
-                                                     "CIFAR-10 cell on ImageNet) is not implemented yet")
-        write_skipped(out, "imagenet", "ImageNet transfer", reason)
+        if transfer:
+            write_skipped(out, "imagenet", "ImageNet transfer", transfer)
+        else:
+            size = scale.imagenet["image_size"]
+            evaluated = next((r["test_samples"] for r in records if r["dataset"] == "imagenet"), 0)
+            write_table(imagenet_table(records, scale), out, "imagenet", "ImageNet transfer",
+                        note + f" Each row's CIFAR-10 cell (same seed) trained with standard training on ImageNet at "
+                        f"{size}x{size} pixels ({', '.join(f'{k} {v}' for k, v in {**scale.train, **scale.imagenet['train']}.items())}"
+                        f"); top-1 / top-5 on the first {evaluated} "
+                        f"validation images; FGSM and PGD-{scale.attack_steps} robust accuracy at L-inf eps "
+                        f"{scale.imagenet['eps']:.4g} (pixels in [0, 1]) on {scale.attack_n} of them.")
     print(f"tables written to {out}")
     return 0
 

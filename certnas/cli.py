@@ -198,6 +198,8 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.option("--layers", type=int, default=4, show_default=True, help="Cells (paper: 20).")
 @click.option("--init-channels", type=int, default=8, show_default=True, help="Initial channels (paper: 36).")
 @click.option("--auxiliary/--no-auxiliary", default=False, show_default=True, help="Auxiliary head (weight 0.4).")
+@click.option("--stem", type=click.Choice(["cifar", "imagenet"]), default="cifar", show_default=True,
+              help="cifar: one 3x3 convolution; imagenet: three stride-2 convolutions (for large images).")
 @click.option("--drop-path", type=float, default=0.0, show_default=True,
               help="Drop-path probability, reached linearly by the last epoch (paper: 0.2; not with ibp/crown-ibp).")
 @click.option("--mode", type=click.Choice(["standard", "pgd", "ibp", "crown-ibp"]), default="standard",
@@ -216,7 +218,7 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.pass_context
 @_fail_cleanly
 def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, network, hidden, layers,
-          init_channels, auxiliary, drop_path, mode, pgd_steps, warmup_epochs, ramp_epochs, epochs, batch_size, lr,
+          init_channels, auxiliary, stem, drop_path, mode, pgd_steps, warmup_epochs, ramp_epochs, epochs, batch_size, lr,
           train_limit, out, resume, force):
     """Train a network from a genotype: standard, PGD, IBP or CROWN-IBP training."""
     from certnas.config import ConfigError
@@ -228,12 +230,13 @@ def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, n
         raise ConfigError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
     config = TrainConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
                          network=network, genotype=genotype, layers=layers, init_channels=init_channels,
-                         auxiliary=auxiliary, drop_path=drop_path, hidden=widths, mode=mode, eps=eps, norm=norm,
+                         auxiliary=auxiliary, stem=stem, drop_path=drop_path, hidden=widths, mode=mode, eps=eps, norm=norm,
                          pgd_steps=pgd_steps, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, epochs=epochs,
                          batch_size=batch_size, lr=lr, train_limit=train_limit, seed=seed, device=device)
     summary = run_train(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"])
     if not ctx.obj["quiet"]:
-        click.echo(f"test accuracy {summary['test_acc']:.4f} on {summary['test_samples']} samples; "
+        top5 = f" (top-5 {summary['test_top5_acc']:.4f})" if "test_top5_acc" in summary else ""
+        click.echo(f"test accuracy {summary['test_acc']:.4f}{top5} on {summary['test_samples']} samples; "
                    f"model written to {out / 'model.pt'}")
 
 

@@ -7,8 +7,9 @@
 - ``cifar10``: the CIFAR-10 python batches under ``--data-root/cifar-10-batches-py``, read with an
   unpickler restricted to numpy arrays (a dataset file cannot run code).
   Search uses ``val_fraction`` of the training set as the validation split.
-- ``imagenet``: an ImageFolder tree ``<root>/train/<class>/*`` and ``<root>/val/<class>/*``, resized
-  to ``image_size`` (default 32) pixels.
+- ``imagenet``: an ImageFolder tree ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (or the
+  same under ``<root>/imagenet``, so one ``--data-root`` can hold every dataset), resized to
+  ``image_size`` (default 32) pixels.
 """
 from __future__ import annotations
 
@@ -152,6 +153,8 @@ def _imagenet(root: Optional[Path], seed: int, val_fraction: float, image_size: 
     from torchvision import datasets, transforms
 
     root = _require_root(root, "imagenet")
+    if not (root / "train").is_dir() and (root / "imagenet").is_dir():
+        root = root / "imagenet"
     transform = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
                                     transforms.ToTensor()])
     sets = {}

@@ -31,7 +31,7 @@ from certnas.data import DataInfo
 from certnas.io import save_model
 from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
-from certnas.space.network import NetworkConfig, build_network
+from certnas.space.network import STEMS, NetworkConfig, build_network
 
 MODES = ("standard", "pgd", "ibp", "crown-ibp")
 NETWORKS = ("darts", "mlp")
@@ -49,6 +49,7 @@ class TrainConfig:
     layers: int = 4
     init_channels: int = 8
     auxiliary: bool = False
+    stem: str = "cifar"
     auxiliary_weight: float = 0.4
     drop_path: float = 0.0
     hidden: Tuple[int, ...] = (128, 128)
@@ -88,6 +89,8 @@ class TrainConfig:
         if self.mode in ("ibp", "crown-ibp") and self.drop_path > 0:
             raise ConfigError("drop-path makes the network random, so its bounds would not hold: "
                               "use --drop-path 0 with --mode ibp / crown-ibp")
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
         if self.network == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise ConfigError(f"--hidden must list positive widths, got {self.hidden}")
         return self
@@ -108,7 +111,7 @@ def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
     return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
-                         hidden=tuple(config.hidden))
+                         hidden=tuple(config.hidden), stem=config.stem)
 
 
 def schedule(config: TrainConfig, step: int, steps_per_epoch: int) -> Dict[str, float]:
@@ -178,14 +181,17 @@ class Trainer:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int = 256) -> float:
+def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int = 256, k: int = 1) -> float:
+    """Top-``k`` accuracy (eval mode) on the first ``limit`` samples of ``dataset`` (0: all)."""
     was_training = model.training
     model.eval()
     count = min(len(dataset), limit or len(dataset))
     correct = 0
-    for start in range(0, count, batch_size):
-        x, y = collate(dataset, torch.arange(start, min(start + batch_size, count)), device)
-        correct += (model(x).argmax(1) == y).sum().item()
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            x, y = collate(dataset, torch.arange(start, min(start + batch_size, count)), device)
+            top = model(x).topk(k, dim=1).indices
+            correct += (top == y[:, None]).any(1).sum().item()
     model.train(was_training)
     return correct / max(count, 1)
 
@@ -225,6 +231,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
                          batches_per_epoch=steps_per_epoch, description=f"train ({config.mode})", quiet=quiet)
     trainer.model.eval()
     summary = {"test_acc": accuracy(trainer.model, splits.test, trainer.device, config.eval_limit),
+               **({"test_top5_acc": accuracy(trainer.model, splits.test, trainer.device, config.eval_limit, k=5)}
+                  if network.num_classes > 5 else {}),
                "test_samples": min(len(splits.test), config.eval_limit or len(splits.test)),
                "epochs_completed": len(history), "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "parameters": sum(p.numel() for p in trainer.model.parameters())}

@@ -75,23 +75,44 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(self.features(x))
 
 
+STEMS = ("cifar", "imagenet")
+
+
+def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
+    """DARTS' ImageNet stems: three stride-2 3x3 convolutions (8x smaller maps) before the first
+    cell; the first gives the cell's s0, the second its s1."""
+    stem0 = nn.Sequential(nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C // 2),
+                          nn.ReLU(), nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+    stem1 = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+    return stem0, stem1
+
+
 class DartsNetwork(nn.Module):
     """Stem, ``layers`` cells from ``genotype`` (reductions at 1/3 and 2/3 of the depth), global
-    average pooling, linear. ``drop_path_prob`` (set by the trainer) and the auxiliary head are used
+    average pooling, linear. ``stem``: ``cifar`` (one 3x3 convolution, full resolution) or
+    ``imagenet`` (:func:`imagenet_stems`, for large images). ``drop_path_prob`` (set by the trainer) and the auxiliary head are used
     in training mode only; ``forward`` always returns the main logits."""
 
     def __init__(self, genotype: Genotype, C: int, num_classes: int, layers: int, in_channels: int,
-                 mean, std, auxiliary: bool = False, stem_multiplier: int = 3, affine: bool = True):
+                 mean, std, auxiliary: bool = False, stem_multiplier: int = 3, affine: bool = True,
+                 stem: str = "cifar"):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
         self.drop_path_prob = 0.0
         self.normalize = Normalize(mean, std, in_channels)
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        if stem == "cifar":
+            C_stem = stem_multiplier * C
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+            self.stem1 = None
+        else:
+            C_stem = C
+            self.stem, self.stem1 = imagenet_stems(in_channels, C)
+        C_prev_prev, C_prev, C_curr = C_stem, C_stem, C
         self.cells = nn.ModuleList()
         self.auxiliary_index = 2 * layers // 3 if auxiliary else -1
         self.auxiliary_head = None
-        reduction_prev = False
+        reduction_prev = stem == "imagenet"
         for i in range(layers):
             reduction = layers >= 3 and i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -108,6 +129,8 @@ class DartsNetwork(nn.Module):
     def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(logits, auxiliary logits)``; the second is None in eval mode or without a head."""
         s0 = s1 = self.stem(self.normalize(x))
+        if self.stem1 is not None:
+            s1 = self.stem1(s0)
         aux = None
         drop = self.drop_path_prob if self.training else 0.0
         for i, cell in enumerate(self.cells):
@@ -135,6 +158,7 @@ class NetworkConfig:
     init_channels: int = 16
     auxiliary: bool = False
     hidden: Tuple[int, ...] = field(default_factory=tuple)
+    stem: str = "cifar"
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -154,7 +178,7 @@ def build_network(config: NetworkConfig) -> nn.Module:
             raise GenotypeError("a darts network needs a genotype")
         genotype = Genotype.from_dict(config.genotype)
         return DartsNetwork(genotype, config.init_channels, config.num_classes, config.layers, config.in_channels,
-                            config.mean, config.std, auxiliary=config.auxiliary)
+                            config.mean, config.std, auxiliary=config.auxiliary, stem=config.stem)
     if config.kind == "mlp":
         if not config.hidden:
             raise ValueError("an mlp needs at least one hidden layer")

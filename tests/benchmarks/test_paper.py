@@ -24,3 +24,27 @@ def test_paper_pipeline_runs_end_to_end_and_reuses_its_cache(tmp_path):
     out.rename(moved)
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved)])
     assert sorted(p.name for p in (moved / "cache").iterdir()) == stages
+
+
+@pytest.mark.slow
+def test_imagenet_transfer_trains_each_rows_cifar10_cell_on_imagenet(tmp_path):
+    from tests.certnas.datafiles import write_cifar10, write_imagefolder
+    root = tmp_path / "data"
+    write_cifar10(root, per_batch=8)
+    write_imagefolder(root / "imagenet", classes=6, per_class=6, size=20)
+    out = tmp_path / "tiny"
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--table", "imagenet", "--data-root", str(root),
+                "--out", str(out)])
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["dataset"]) for r in records] == [("DARTS", "imagenet")]
+    cifar_cell = json.loads(next((out / "cache").glob("search-*/genotype.json")).read_text())
+    transferred = json.loads(next((out / "cache").glob("transfer-*/summary.json")).read_text())
+    assert transferred["settings"]["data"] == "imagenet" and transferred["network"]["num_classes"] == 6
+    assert transferred["network"]["genotype"]["normal"] == [list(e) for e in cifar_cell["normal"]]
+    assert 0 <= records[0]["attack_pgd_inf"] <= records[0]["train_test_acc"] <= records[0]["train_test_top5_acc"] <= 1
+    table = (out / "imagenet.md").read_text()
+    assert "| DARTS |" in table and "top-5" in table
+    # no CIFAR-10: skipped, with the reason
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--table", "imagenet", "--data-root",
+                str(root / "imagenet"), "--out", str(tmp_path / "no-cifar")])
+    assert "searched on CIFAR-10" in (tmp_path / "no-cifar" / "imagenet.md").read_text()

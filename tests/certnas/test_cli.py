@@ -126,3 +126,19 @@ def test_verify_bad_input_is_one_line_with_exit_code_2(cli_model, args, message)
     result = CliRunner().invoke(main, ["verify", str(cli_model), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_train_on_imagenet_files_with_the_imagenet_stem_reports_top5(tmp_path):
+    from certnas.io import load_model_with_meta
+    from tests.certnas.datafiles import write_imagefolder
+    root = write_imagefolder(tmp_path / "data", classes=6, per_class=4, size=36)
+    out = tmp_path / "train"
+    result = CliRunner().invoke(main, ["train", "--data", "imagenet", "--data-root", str(root), "--image-size", "32",
+                                       "--stem", "imagenet", "--layers", "3", "--init-channels", "8", "--epochs", "1",
+                                       "--batch-size", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "top-5" in result.output
+    model, meta = load_model_with_meta(out / "model.pt")
+    assert meta["network"]["stem"] == "imagenet" and model.stem1 is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] <= summary["test_top5_acc"]

@@ -53,6 +53,8 @@ def test_imagefolder_is_resized(tmp_path):
     splits = load_data("imagenet", write_imagefolder(tmp_path), image_size=16, val_fraction=0.25)
     assert splits.info.num_classes == 3 and len(splits.test) == 12
     assert splits.train[0][0].shape == (3, 16, 16)
+    shared = load_data("imagenet", write_imagefolder(tmp_path / "root" / "imagenet").parent, image_size=16)
+    assert len(shared.test) == 12  # <data-root>/imagenet/{train,val} as well
 
 
 @pytest.mark.parametrize("name,message", [("mnist", "expected MNIST/raw"), ("cifar10", "missing data_batch_1"),

@@ -90,3 +90,25 @@ def test_bounds_on_every_published_cell_network_are_sound(method):
         eps = torch.full((2,), 0.02)
         lower, upper = compute_bounds(net, x, eps, norm="inf", method=method)
         assert max_violation(net, x, eps, math.inf, lower, upper, samples=16, pgd_steps=10) <= 1e-5, name
+
+
+def test_imagenet_stem_shrinks_maps_8x_round_trips_and_is_bounded_soundly():
+    config = NetworkConfig("darts", 3, 64, 7, (0.5,) * 3, (0.25,) * 3, genotype=NAMED["DARTS_V2"].to_dict(), layers=3,
+                           init_channels=8, stem="imagenet")
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    old_file = {k: v for k, v in config.to_dict().items() if k != "stem"}  # written before stems existed
+    assert NetworkConfig.from_dict(old_file).stem == "cifar"
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert net(x).shape == (2, 7)
+    first_cell_input = net.stem1(net.stem(net.normalize(x)))
+    assert first_cell_input.shape[-1] == 8  # three stride-2 convolutions
+    cifar = build_network(NetworkConfig(**{**config.to_dict(), "stem": "cifar"}))
+    assert sum(p.numel() for p in cifar.parameters()) != sum(p.numel() for p in net.parameters())
+    eps = torch.full((2,), 0.01)
+    for method in ("ibp", "crown-ibp"):
+        lower, upper = compute_bounds(net, x, eps, norm="inf", method=method)
+        assert max_violation(net, x, eps, math.inf, lower, upper, samples=8, pgd_steps=5) <= 1e-5, method
+    with pytest.raises(ValueError, match="unknown stem"):
+        build_network(NetworkConfig(**{**config.to_dict(), "stem": "resnet"}))
