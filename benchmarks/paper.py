@@ -283,15 +283,20 @@ def _reported(kind: str, dataset: str, row: str, column: str) -> str:
     return "" if value is None else f"{value:g}"
 
 
+def by_row(records: List[Dict], dataset: str):
+    """``(row, its records)`` for each row of ``ROWS`` (in order) that has records for ``dataset``."""
+    for row in ROWS:
+        mine = [r for r in records if r["row"] == row and r["dataset"] == dataset]
+        if mine:
+            yield row, mine
+
+
 def game_table(records: List[Dict], dataset: str):
     import pandas as pd
     columns = [("clean", "attack_clean_inf"), ("FGSM", "attack_fgsm_inf"), ("PGD-100", "attack_pgd_inf"),
                ("C&W", "attack_cw_inf"), ("AutoAttack (L2)", "attack_autoattack_2")]
     out = []
-    for row in ROWS:
-        mine = [r for r in records if r["row"] == row and r["dataset"] == dataset]
-        if not mine:
-            continue
+    for row, mine in by_row(records, dataset):
         line = {"row": row, "seeds": len(mine)}
         for name, key in columns:
             line[f"{name} (%)"] = _mean_std([r.get(key) for r in mine], 100)
@@ -305,10 +310,7 @@ def game_table(records: List[Dict], dataset: str):
 def certified_table(records: List[Dict], dataset: str, out_folder: Path):
     import pandas as pd
     out = []
-    for row in ROWS:
-        mine = [r for r in records if r["row"] == row and r["dataset"] == dataset]
-        if not mine:
-            continue
+    for row, mine in by_row(records, dataset):
         line = {"row": row, "seeds": len(mine)}
         for norm, label in (("inf", "L-inf"), ("2", "L2")):
             for method in ("ibp", "crown-ibp", "crown"):
@@ -344,10 +346,8 @@ def cost_table(records: List[Dict], dataset: str):
     darts = [r["search_seconds"] for r in records if r["row"] == "DARTS" and r["dataset"] == dataset and r["search_seconds"]]
     base = sum(darts) / len(darts) if darts else None
     out = []
-    for row in ROWS:
-        mine = [r["search_seconds"] for r in records if r["row"] == row and r["dataset"] == dataset and r["search_seconds"]]
-        if not mine:
-            continue
+    for row, mine in by_row([r for r in records if r["search_seconds"]], dataset):
+        mine = [r["search_seconds"] for r in mine]
         line = {"row": row, "seeds": len(mine), "search seconds": _mean_std(mine, digits=1),
                 "ratio to DARTS": f"{(sum(mine) / len(mine)) / base:.2f}" if base else "n/a"}
         reported = _reported("cost", dataset, row, "GPU-days")
@@ -360,29 +360,25 @@ def cost_table(records: List[Dict], dataset: str):
 def clean_table(records: List[Dict], dataset: str):
     import pandas as pd
     out = []
-    for row in ROWS:
-        mine = [r for r in records if r["row"] == row and r["dataset"] == dataset]
-        if mine:
-            line = {"row": row, "seeds": len(mine), "clean acc. (%), full test split": _mean_std([r["train_test_acc"] for r in mine], 100)}
-            reported = _reported("game", dataset, row, "clean")
-            if reported:
-                line["clean, reported by others"] = reported
-            out.append(line)
+    for row, mine in by_row(records, dataset):
+        line = {"row": row, "seeds": len(mine), "clean acc. (%), full test split": _mean_std([r["train_test_acc"] for r in mine], 100)}
+        reported = _reported("game", dataset, row, "clean")
+        if reported:
+            line["clean, reported by others"] = reported
+        out.append(line)
     return pd.DataFrame(out)
 
 
 def imagenet_table(records: List[Dict], scale: Scale):
     import pandas as pd
     out = []
-    for row in ROWS:
-        mine = [r for r in records if r["row"] == row and r["dataset"] == "imagenet"]
-        if mine:
-            out.append({"row": row, "seeds": len(mine),
-                        "top-1 (%)": _mean_std([r["train_test_acc"] for r in mine], 100),
-                        "top-5 (%)": _mean_std([r["train_test_top5_acc"] for r in mine], 100),
-                        f"FGSM (%) at {scale.imagenet['eps']:.4g}": _mean_std([r.get("attack_fgsm_inf") for r in mine], 100),
-                        f"PGD-{scale.attack_steps} (%) at {scale.imagenet['eps']:.4g}":
-                            _mean_std([r.get("attack_pgd_inf") for r in mine], 100)})
+    eps = f"{scale.imagenet['eps']:.4g}"
+    for row, mine in by_row(records, "imagenet"):
+        out.append({"row": row, "seeds": len(mine),
+                    "top-1 (%)": _mean_std([r["train_test_acc"] for r in mine], 100),
+                    "top-5 (%)": _mean_std([r["train_test_top5_acc"] for r in mine], 100),
+                    f"FGSM (%) at {eps}": _mean_std([r.get("attack_fgsm_inf") for r in mine], 100),
+                    f"PGD-{scale.attack_steps} (%) at {eps}": _mean_std([r.get("attack_pgd_inf") for r in mine], 100)})
     return pd.DataFrame(out)
 
 
@@ -413,25 +409,22 @@ def figures(records: List[Dict], out: Path, dataset: str) -> None:
     import pandas as pd
     from certnas.plots import _save
     for norm, label in (("inf", "L-inf"), ("2", "L2")):
-        by_row: Dict[str, pd.DataFrame] = {}
-        for row in ROWS:
-            frames = [pd.read_csv(out / r[f"radius_csv_{norm}"]).assign(seed=r["seed"])
-                      for r in records if r["row"] == row and r["dataset"] == dataset]
-            if frames:
-                frame = pd.concat(frames)
-                by_row[row] = frame[frame["mode"] == "radius"]
-        if not by_row:
+        radii: Dict[str, pd.DataFrame] = {}
+        for row, mine in by_row(records, dataset):
+            frame = pd.concat([pd.read_csv(out / r[f"radius_csv_{norm}"]).assign(seed=r["seed"]) for r in mine])
+            radii[row] = frame[frame["mode"] == "radius"]
+        if not radii:
             continue
         fig, ax = plt.subplots(figsize=(10, 4))
-        data = [frame[frame["method"] == "crown-ibp"]["radius"].to_numpy() for frame in by_row.values()]
+        data = [frame[frame["method"] == "crown-ibp"]["radius"].to_numpy() for frame in radii.values()]
         ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(by_row) + 1), list(by_row), rotation=20)
+        ax.set_xticks(range(1, len(radii) + 1), list(radii), rotation=20)
         ax.set_ylabel(f"certified {label} radius (CROWN-IBP)")
         ax.set_title(f"{dataset}: certified radius per sample, all seeds")
         _save(fig, out / f"radius_{dataset}_{norm}.png")
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        grid = np.linspace(0, max(float(f["radius"].max()) for f in by_row.values()) * 1.05 + 1e-9, 60)
-        for (row, frame), color in zip(by_row.items(), plt.cm.tab10.colors):
+        grid = np.linspace(0, max(float(f["radius"].max()) for f in radii.values()) * 1.05 + 1e-9, 60)
+        for (row, frame), color in zip(radii.items(), plt.cm.tab10.colors):
             certified = frame[frame["method"].isin(["ibp", "crown-ibp", "crown"])].groupby(["seed", "index"])["radius"].max()
             attack = frame[frame["method"].str.startswith("pgd")]["radius"].to_numpy()
             ax.plot(grid, [(certified.to_numpy() >= g).mean() for g in grid], color=color, label=f"{row} verified")
