@@ -166,10 +166,13 @@ class Pipeline:
         config = TrainConfig(**self.scale.train, genotype=str(searched / "genotype.json"), data=self._data(dataset),
                              data_root=self._root(dataset), image_size=self.scale.image_size, seed=seed,
                              device=self.device)
+        return self._train_stage("train", config, searched)
+
+    def _train_stage(self, stage: str, config: TrainConfig, searched: Path) -> Path:
         # The genotype path is where this clone keeps its cache: the key names the search stage instead,
         # so a moved or cloned results folder keeps its cache.
-        key = config_hash("train", {**asdict(config), "genotype": None}, searched.name)
-        return self._stage("train", key, "model.pt",
+        key = config_hash(stage, {**asdict(config), "genotype": None}, searched.name)
+        return self._stage(stage, key, "model.pt",
                            lambda folder, resume: train(config, folder, resume=resume, force=not resume, quiet=self.quiet))
 
     def attack(self, model: Path, dataset: str, norm: str) -> Dict[str, Any]:
@@ -177,6 +180,9 @@ class Pipeline:
         config = AttackConfig(attacks=attacks, eps=self.scale.eps[dataset][norm], norm=norm, steps=self.scale.attack_steps,
                               n=self.scale.attack_n, autoattack_version=self.scale.autoattack_version,
                               data_root=self._root(dataset), device=self.device)
+        return self._attack_stage(config, model)
+
+    def _attack_stage(self, config: AttackConfig, model: Path) -> Dict[str, Any]:
         folder = self._stage("attack", config_hash("attack", asdict(config), model.parent.name), "attack.json",
                              lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet))
         return json.loads((folder / "attack.json").read_text())
@@ -203,10 +209,7 @@ class Pipeline:
         config = TrainConfig(**settings, genotype=str(searched / "genotype.json"), data="imagenet",
                              data_root=self._root("imagenet"), image_size=self._image_size("imagenet"), seed=seed,
                              device=self.device)
-        key = config_hash("transfer", {**asdict(config), "genotype": None}, searched.name)
-        trained = self._stage("transfer", key, "model.pt",
-                              lambda folder, resume: train(config, folder, resume=resume, force=not resume,
-                                                           quiet=self.quiet))
+        trained = self._train_stage("transfer", config, searched)
         summary = json.loads((trained / "summary.json").read_text())
         record: Dict[str, Any] = {"row": row, "dataset": "imagenet", "seed": seed, "scale": self.scale.name,
                                   "cell_searched_on": "cifar10", "train_test_acc": summary["test_acc"],
@@ -215,9 +218,7 @@ class Pipeline:
         attack = AttackConfig(attacks=("fgsm", "pgd"), eps=self.scale.imagenet["eps"], norm="inf",
                               steps=self.scale.attack_steps, n=self.scale.attack_n, data_root=self._root("imagenet"),
                               device=self.device)
-        folder = self._stage("attack", config_hash("attack", asdict(attack), trained.name), "attack.json",
-                             lambda folder, resume: run_attacks(attack, trained / "model.pt", folder, quiet=self.quiet))
-        for result in json.loads((folder / "attack.json").read_text())["results"]:
+        for result in self._attack_stage(attack, trained / "model.pt")["results"]:
             record[f"attack_{result['attack']}_inf"] = result["robust_accuracy"]
         return record
 
@@ -278,9 +279,11 @@ def _mean_std_sci(values: List[float]) -> str:
     return f"{mean:.3g} ± {std:.2g}"
 
 
-def _reported(kind: str, dataset: str, row: str, column: str) -> str:
-    value = REPORTED.get((kind, dataset, row, column))
-    return "" if value is None else f"{value:g}"
+def _add_reported(line: Dict[str, Any], key: tuple, header: str) -> None:
+    """Put the published value for ``key`` (table, dataset, row, column) under ``header``, if one is known."""
+    value = REPORTED.get(key)
+    if value is not None:
+        line[header] = f"{value:g}"
 
 
 def by_row(records: List[Dict], dataset: str):
@@ -300,9 +303,7 @@ def game_table(records: List[Dict], dataset: str):
         line = {"row": row, "seeds": len(mine)}
         for name, key in columns:
             line[f"{name} (%)"] = _mean_std([r.get(key) for r in mine], 100)
-            reported = _reported("game", dataset, row, name)
-            if reported:
-                line[f"{name}, reported by others"] = reported
+            _add_reported(line, ("game", dataset, row, name), f"{name}, reported by others")
         out.append(line)
     return pd.DataFrame(out)
 
@@ -325,9 +326,7 @@ def certified_table(records: List[Dict], dataset: str, out_folder: Path):
             line[f"{label} PGD radius (upper) mean"] = _mean_std_sci([u["mean"] for u in upper])
             line[f"{label} verified acc. % at eps {mine[0][f'verify_eps_{norm}']:g} (best method)"] = _mean_std(
                 [_verified_at(r, norm, out_folder) for r in mine], 100)
-        reported = _reported("certified", dataset, row, "L2 mean")
-        if reported:
-            line["L2 mean, reported by others"] = reported
+        _add_reported(line, ("certified", dataset, row, "L2 mean"), "L2 mean, reported by others")
         out.append(line)
     return pd.DataFrame(out)
 
@@ -343,16 +342,14 @@ def _verified_at(record: Dict, norm: str, out: Path) -> float:
 
 def cost_table(records: List[Dict], dataset: str):
     import pandas as pd
-    darts = [r["search_seconds"] for r in records if r["row"] == "DARTS" and r["dataset"] == dataset and r["search_seconds"]]
-    base = sum(darts) / len(darts) if darts else None
+    seconds = {row: [r["search_seconds"] for r in mine]
+               for row, mine in by_row([r for r in records if r["search_seconds"]], dataset)}
+    base = sum(seconds["DARTS"]) / len(seconds["DARTS"]) if "DARTS" in seconds else None
     out = []
-    for row, mine in by_row([r for r in records if r["search_seconds"]], dataset):
-        mine = [r["search_seconds"] for r in mine]
+    for row, mine in seconds.items():
         line = {"row": row, "seeds": len(mine), "search seconds": _mean_std(mine, digits=1),
                 "ratio to DARTS": f"{(sum(mine) / len(mine)) / base:.2f}" if base else "n/a"}
-        reported = _reported("cost", dataset, row, "GPU-days")
-        if reported:
-            line["GPU-days (1080Ti), reported by others"] = reported
+        _add_reported(line, ("cost", dataset, row, "GPU-days"), "GPU-days (1080Ti), reported by others")
         out.append(line)
     return pd.DataFrame(out)
 
@@ -362,9 +359,7 @@ def clean_table(records: List[Dict], dataset: str):
     out = []
     for row, mine in by_row(records, dataset):
         line = {"row": row, "seeds": len(mine), "clean acc. (%), full test split": _mean_std([r["train_test_acc"] for r in mine], 100)}
-        reported = _reported("game", dataset, row, "clean")
-        if reported:
-            line["clean, reported by others"] = reported
+        _add_reported(line, ("game", dataset, row, "clean"), "clean, reported by others")
         out.append(line)
     return pd.DataFrame(out)
 

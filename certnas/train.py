@@ -181,19 +181,26 @@ class Trainer:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int = 256, k: int = 1) -> float:
-    """Top-``k`` accuracy (eval mode) on the first ``limit`` samples of ``dataset`` (0: all)."""
+def topk_accuracies(model: nn.Module, dataset, device, limit: int = 0, batch_size: int = 256,
+                    ks: Tuple[int, ...] = (1,)) -> Dict[int, float]:
+    """Top-k accuracy for each k in ``ks`` (eval mode, one pass) on the first ``limit`` samples (0: all)."""
     was_training = model.training
     model.eval()
     count = min(len(dataset), limit or len(dataset))
-    correct = 0
+    correct = dict.fromkeys(ks, 0)
     with torch.no_grad():
         for start in range(0, count, batch_size):
             x, y = collate(dataset, torch.arange(start, min(start + batch_size, count)), device)
-            top = model(x).topk(k, dim=1).indices
-            correct += (top == y[:, None]).any(1).sum().item()
+            hits = model(x).topk(max(ks), dim=1).indices == y[:, None]
+            for k in ks:
+                correct[k] += hits[:, :k].any(1).sum().item()
     model.train(was_training)
-    return correct / max(count, 1)
+    return {k: c / max(count, 1) for k, c in correct.items()}
+
+
+def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int = 256) -> float:
+    """Top-1 accuracy (eval mode) on the first ``limit`` samples of ``dataset`` (0: all)."""
+    return topk_accuracies(model, dataset, device, limit, batch_size)[1]
 
 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict[str, Any]:
@@ -230,9 +237,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
     history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,
                          batches_per_epoch=steps_per_epoch, description=f"train ({config.mode})", quiet=quiet)
     trainer.model.eval()
-    summary = {"test_acc": accuracy(trainer.model, splits.test, trainer.device, config.eval_limit),
-               **({"test_top5_acc": accuracy(trainer.model, splits.test, trainer.device, config.eval_limit, k=5)}
-                  if network.num_classes > 5 else {}),
+    top = topk_accuracies(trainer.model, splits.test, trainer.device, config.eval_limit,
+                          ks=(1, 5) if network.num_classes > 5 else (1,))
+    summary = {"test_acc": top[1], **({"test_top5_acc": top[5]} if 5 in top else {}),
                "test_samples": min(len(splits.test), config.eval_limit or len(splits.test)),
                "epochs_completed": len(history), "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "parameters": sum(p.numel() for p in trainer.model.parameters())}

@@ -101,3 +101,15 @@ def test_ibp_training_certifies_more_samples_than_standard_training(tmp_path):
         bound = margin_lower_bound(model, evaluation.x, evaluation.y, 0.05, method="ibp")
         fractions[mode] = (bound > 0).float().mean().item()
     assert fractions["ibp"] > fractions["standard"] + 0.2, fractions
+
+
+def test_topk_accuracies_match_a_direct_count_in_one_pass():
+    import torch.nn as nn
+    from torch.utils.data import TensorDataset
+    from certnas.train import accuracy, topk_accuracies
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(5, 8), torch.randn(37, 5), torch.randint(0, 8, (37,))
+    ranks = (model(x).argsort(1, descending=True) == y[:, None]).float().argmax(1)  # rank of the true class
+    result = topk_accuracies(model, TensorDataset(x, y), "cpu", batch_size=10, ks=(1, 3, 5))
+    assert result == pytest.approx({k: (ranks < k).float().mean().item() for k in (1, 3, 5)})
+    assert accuracy(model, TensorDataset(x, y), "cpu") == result[1]
