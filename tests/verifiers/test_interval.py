@@ -1,0 +1,198 @@
+"""The plain-PyTorch IBP / CROWN-IBP engine, checked without trusting it: against auto_LiRPA's bounds
+(an independent implementation of the same relaxations), against sampled and PGD-searched points, and
+against the exact MILP minimum on tiny networks."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from certnas.data import INFO
+from certnas.space import PRIMITIVES
+from certnas.space.genotype import NAMED
+from certnas.space.network import NetworkConfig, build_network
+from tests.nets import op_net, randomise_batch_norm
+from tests.violation import max_violation
+from verifiers.bounds import compute_bounds, margin_lower_bounds
+from verifiers.errors import UnsupportedModelError
+from verifiers.interval import interval_logit_bounds, interval_margins
+from verifiers.milp import exact_margin
+
+EPS = 0.08
+
+
+def _relative(a, b):
+    return ((a - b).abs().max() / (1 + b.abs().max())).item()
+
+
+def _inputs(seed=1, batch=2, size=8):
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.02])  # pixels at and near the [0, 1] edges
+    return x
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+def test_margins_equal_auto_lirpa_ibp_and_crown_ibp_on_every_operation(op, stride):
+    net = op_net(op, stride, seed=stride)
+    x, y = _inputs(), torch.tensor([0, 3])
+    bounds = interval_margins(net, x, y, EPS, crown_ibp=True)
+    assert _relative(bounds.ibp, margin_lower_bounds(net, x, y, EPS, method="ibp")) < 1e-5
+    assert _relative(bounds.crown_ibp, margin_lower_bounds(net, x, y, EPS, method="crown-ibp")) < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(bounds.logits, net(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("crown_ibp", [False, True], ids=["ibp", "crown-ibp"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+def test_logit_bounds_contain_every_sampled_and_attacked_output(op, stride, crown_ibp):
+    net = op_net(op, stride, seed=stride)
+    x = _inputs()
+    lower, upper = interval_logit_bounds(net, x, EPS, crown_ibp=crown_ibp)
+    assert torch.isfinite(lower).all() and torch.isfinite(upper).all() and (lower <= upper).all()
+    tolerance = 1e-5 * (1 + max(lower.abs().max().item(), upper.abs().max().item()))
+    violation = max_violation(net, x, EPS, math.inf, lower.detach(), upper.detach(), samples=48, pgd_steps=25)
+    assert violation <= tolerance, f"{op} s{stride}: violated by {violation:.3g}"
+    reference = compute_bounds(net, x, EPS, method="crown-ibp" if crown_ibp else "ibp")
+    assert _relative(lower, reference[0]) < 1e-5 and _relative(upper, reference[1]) < 1e-5
+
+
+def _darts(genotype: str, layers: int = 3, channels: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    info = INFO["mnist-embedded"]
+    config = NetworkConfig(kind="darts", in_channels=1, image_size=28, num_classes=10, mean=info.mean, std=info.std,
+                           genotype=NAMED[genotype].to_dict(), layers=layers, init_channels=channels)
+    net = build_network(config)
+    with torch.no_grad():
+        randomise_batch_norm(net, torch.Generator().manual_seed(seed))
+    return net
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("genotype", ["PC_DARTS"])
+def test_darts_networks_match_auto_lirpa_in_both_batch_norm_modes(genotype, training):
+    net = _darts(genotype).train(training)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(6, 1, 28, 28, generator=g), torch.randint(0, 10, (6,), generator=g)
+    before = [b.clone() for b in net.buffers()]
+    bounds = interval_margins(net, x, y, 0.002, crown_ibp=True)
+    after_engine = [b.clone() for b in net.buffers()]
+    assert _relative(bounds.ibp, margin_lower_bounds(net, x, y, 0.002, method="ibp")) < 1e-5
+    assert _relative(bounds.crown_ibp, margin_lower_bounds(net, x, y, 0.002, method="crown-ibp")) < 1e-5
+    if training:  # the bound pass updates batch-norm statistics exactly as one clean forward pass does
+        with torch.no_grad():
+            for b, old in zip(net.buffers(), before):
+                b.copy_(old)
+            net(x)
+        for b, engine in zip(net.buffers(), after_engine):
+            assert torch.allclose(b, engine)
+
+
+@pytest.mark.parametrize("genotype", ["DARTS_V1", "DARTS_V2"])
+def test_duplicated_operations_on_one_input_are_never_tighter_than_auto_lirpa(genotype):
+    """The DARTS cells' reductions apply max_pool_3x3 to one input two or three times. auto_LiRPA's
+    graph optimiser merges the copies into one (tighter) relaxation; this engine relaxes each copy,
+    which is sound and never tighter."""
+    net = _darts(genotype).eval()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.rand(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
+    mine = interval_margins(net, x, y, 0.002, crown_ibp=True).crown_ibp
+    reference = margin_lower_bounds(net, x, y, 0.002, method="crown-ibp")
+    assert (mine <= reference + 1e-5 * (1 + reference.abs().max())).all()
+
+
+@pytest.mark.parametrize("crown_ibp", [False, True], ids=["ibp", "crown-ibp"])
+def test_darts_network_bounds_hold_at_sampled_and_attacked_points(crown_ibp):
+    net = _darts("PC_DARTS", seed=1).eval()
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    lower, upper = interval_logit_bounds(net, x, 0.004, crown_ibp=crown_ibp)
+    tolerance = 1e-5 * (1 + max(lower.abs().max().item(), upper.abs().max().item()))
+    assert max_violation(net, x, 0.004, math.inf, lower.detach(), upper.detach(), samples=24, pgd_steps=15) <= tolerance
+
+
+def _tiny_mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4)).eval()
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.05), (1, 0.15)])
+def test_margin_bounds_never_exceed_the_exact_milp_minimum(seed, eps):
+    net = _tiny_mlp(seed)
+    x = torch.rand(3, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    bounds = interval_margins(net, x, y, eps, crown_ibp=True)
+    for i in range(len(x)):
+        exact = exact_margin(net, x[i], int(y[i]), eps)
+        assert exact.optimal, exact.message
+        for margins in (bounds.ibp, bounds.crown_ibp):
+            others = torch.cat([margins[i, :y[i]], margins[i, y[i] + 1:]])
+            assert others.min().item() <= exact.margin + 1e-5
+
+
+def test_crown_ibp_on_the_hardest_rows_is_sound_and_between_ibp_and_full_crown_ibp():
+    net = op_net("sep_conv_3x3", 1, seed=2)
+    x, y = _inputs(batch=3), torch.tensor([0, 1, 4])
+    full = interval_margins(net, x, y, EPS, crown_ibp=True)
+    partial = interval_margins(net, x, y, EPS, crown_ibp=True, crown_rows=2)
+    assert (partial.crown_ibp >= full.ibp - 1e-6).all()
+    assert (partial.crown_ibp <= torch.maximum(full.crown_ibp, full.ibp) + 1e-6).all()
+    hardest = full.ibp.scatter(1, y[:, None], float("inf")).topk(2, dim=1, largest=False).indices
+    assert torch.allclose(partial.crown_ibp.gather(1, hardest),
+                          torch.maximum(full.crown_ibp, full.ibp).gather(1, hardest), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_gradients_equal_auto_lirpa_gradients(method):
+    net = op_net("mixed", 1, seed=6).double()
+    x, y = _inputs(batch=3).double(), torch.tensor([0, 2, 4])
+    bounds = interval_margins(net, x, y, EPS, crown_ibp=method == "crown-ibp")
+    mine = torch.autograd.grad((bounds.ibp if method == "ibp" else bounds.crown_ibp).sum(), list(net.parameters()))
+    reference = torch.autograd.grad(margin_lower_bounds(net, x, y, EPS, method=method).sum(), list(net.parameters()))
+    for a, b in zip(mine, reference):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert any(g.abs().sum() > 0 for g in mine)
+
+
+class _Squares(nn.Module):
+    def forward(self, x):
+        return (x.flatten(1) * x.flatten(1))[:, :3]
+
+
+class _Sigmoid(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x.flatten(1))[:, :3]
+
+
+class _NativeMaxPool(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d(x, 2).flatten(1)[:, :3]
+
+
+class _BatchMix(nn.Module):
+    def forward(self, x):
+        return torch.cat([x, x]).flatten(1)[:3, :3]
+
+
+@pytest.mark.parametrize("model", [_Squares(), _Sigmoid(), _NativeMaxPool(), _BatchMix()],
+                         ids=["product", "sigmoid", "native-max-pool", "batch-concat"])
+def test_unsupported_operations_are_refused_with_their_name(model):
+    with pytest.raises(UnsupportedModelError, match="interval bounds"):
+        interval_margins(model, torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]), 0.1)
+
+
+def test_per_sample_eps_matches_one_sample_at_a_time():
+    net = op_net("dil_conv_3x3", 2, seed=3)
+    x, y = _inputs(batch=3), torch.tensor([1, 2, 3])
+    eps = torch.tensor([0.0, 0.04, 0.1])
+    together = interval_margins(net, x, y, eps, crown_ibp=True)
+    for i in range(3):
+        alone = interval_margins(net, x[i:i + 1], y[i:i + 1], float(eps[i]), crown_ibp=True)
+        assert torch.allclose(together.ibp[i], alone.ibp[0], atol=1e-6)
+        assert torch.allclose(together.crown_ibp[i], alone.crown_ibp[0], atol=1e-6)
+    with torch.no_grad():  # eps 0: the bounds are the clean margins
+        logits = net(x[:1])
+    assert torch.allclose(together.ibp[0], logits[0, 1] - logits[0], atol=1e-5)
