@@ -46,15 +46,6 @@ class BoundMethod(str, enum.Enum):
         return {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                 "alpha-crown": "CROWN-Optimized"}[self.value]
 
-    @property
-    def conv_mode(self) -> str:
-        # Full CROWN computes every intermediate bound by back-substitution. In auto_LiRPA 0.3's
-        # "patches" mode those bounds were violated by sampled inputs on depthwise / dilated
-        # convolutions (sep_conv_5x5, dil_conv_*, max_pool_3x3 as rewritten here), by up to 3e-2;
-        # "matrix" mode was sound on every op (tests/verifiers/test_soundness.py). IBP and
-        # CROWN-IBP only back-substitute from the output and were sound in patches mode.
-        return "matrix" if self in (BoundMethod.CROWN, BoundMethod.ALPHA_CROWN) else "patches"
-
 
 def parse_norm(norm: Union[float, int, str]) -> float:
     """``inf`` (or ``"inf"``, ``"linf"``) or ``2`` (``"2"``, ``"l2"``) -> ``math.inf`` or ``2.0``."""
@@ -151,11 +142,13 @@ class _ScaledInput(nn.Module):
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
 
 
+_SPARSE_OPTIONS = ("sparse_intermediate_bounds", "sparse_conv_intermediate_bounds", "sparse_intermediate_bounds_with_ibp")
+
+
 def _bound_options(conv_mode: str) -> dict:
-    # Sparse intermediate bounds / sparse alphas break alpha-CROWN on L2 in 0.3 (shape errors in
-    # reconstruct_full_alpha); dense is exact, just larger.
-    return {"conv_mode": conv_mode, "sparse_intermediate_bounds": False,
-            "sparse_conv_intermediate_bounds": False, "sparse_intermediate_bounds_with_ibp": False,
+    # Sparse alphas break alpha-CROWN on L2 in 0.3 (shape errors in reconstruct_full_alpha); dense is
+    # exact, just larger. Sparse intermediate bounds are switched on per call (_bound) for CROWN.
+    return {"conv_mode": conv_mode, **{name: False for name in _SPARSE_OPTIONS},
             "sparse_features_alpha": False, "sparse_spec_alpha": False,
             "optimize_bound_args": {"iteration": 20, "lr_alpha": 0.5}}
 
@@ -245,14 +238,15 @@ def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tupl
 
 
 def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
-           method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True):
+           method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True, conv_mode: str = "patches",
+           sparse: bool = True):
     uniform = bool((eps_t == eps_t[0]).all())
     if norm != math.inf and not uniform and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP):
         # auto_LiRPA 0.3's IBP through the scaled-input wrapper below is unsound for L2 (it
         # returned zero-width intervals), so these methods run one batch per distinct radius.
-        return _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper)
+        return _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper, conv_mode, sparse)
     scaled = norm != math.inf and not uniform
-    bounded = _bounded_module(model, x, scaled, method.conv_mode)
+    bounded = _bounded_module(model, x, scaled, conv_mode)
     bounded.train(model.training)
     if norm == math.inf:
         radius = eps_t.view(-1, *([1] * (x.dim() - 1)))
@@ -272,6 +266,15 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
         # does not run one, so without this the statistics of an earlier batch were used.
         clean = inputs if not scaled else (torch.zeros_like(x), x, inputs[2])
         bounded(*[t.data if isinstance(t, lirpa.BoundedTensor) else t for t in clean])
+    # Sparse intermediate bounds (CROWN, L-inf only): a ReLU input's neurons that IBP from the input,
+    # through the bounds already computed, proves stable keep that interval; only the others are
+    # back-substituted. A stable neuron's relaxation is exact whatever its bounds, so this changes only
+    # which sound bound an intermediate neuron gets (52 s -> 1 s per digit on the default network). Not
+    # for L2: auto_LiRPA's IBP of an L2 ball is unsound on some graphs (see _check_l2_input_path and
+    # _bound_per_radius), and a wrongly "stable" neuron would make CROWN unsound; the per-sample-eps
+    # tests in tests/verifiers/test_soundness.py failed when this was on for L2.
+    sparse = sparse and method is BoundMethod.CROWN and norm == math.inf
+    bounded.bound_opts.update({name: sparse for name in _SPARSE_OPTIONS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         context = torch.enable_grad() if method is BoundMethod.ALPHA_CROWN else contextlib.nullcontext()
@@ -304,12 +307,12 @@ def _release(bounded: "lirpa.BoundedModule") -> None:
                 delattr(node, name)
 
 
-def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper):
+def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper, conv_mode, sparse):
     lower_parts, upper_parts, order = [], [], []
     for radius in torch.unique(eps_t):
         index = (eps_t == radius).nonzero().flatten()
         lower, upper = _bound(model, x[index], eps_t[index], norm, method,
-                              None if C is None else C[index], bound_upper)
+                              None if C is None else C[index], bound_upper, conv_mode, sparse)
         lower_parts.append(lower)
         upper_parts.append(upper)
         order.append(index)
@@ -320,15 +323,25 @@ def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper):
 
 
 def compute_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, norm: Union[float, str] = math.inf,
-                   method: Union[str, BoundMethod] = "crown-ibp") -> Tuple[torch.Tensor, torch.Tensor]:
+                   method: Union[str, BoundMethod] = "crown-ibp",
+                   conv_mode: str = "patches", sparse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sound bounds on the logits over the Lp ball of radius ``eps`` around ``x``.
 
     x: (B, ...) in [0, 1]; eps: float or (B,), >= 0; norm: inf or 2.
     Returns ``(lower, upper)``, each (B, K): for every input in the ball, lower <= logits <= upper.
-    Keeps the autograd graph for ibp, crown-ibp and crown (not alpha-crown).
+    Keeps the autograd graph for ibp, crown-ibp and crown (not alpha-crown). conv_mode: how
+    auto_LiRPA represents the coefficients of convolutions, ``patches`` (local, fast; every method
+    uses it since verifiers.lirpa patches 12 to 16 fixed its grouped / dilated convolutions and its
+    handling of patches) or ``matrix`` (dense; the same bounds, far slower: for cross-checks).
+    sparse (crown, L-inf only): back-substitute only the intermediate neurons that IBP does not prove
+    stable (fast; a stable neuron keeps its IBP interval); False bounds every neuron by back-substitution.
+    Which neurons are skipped is decided for the whole batch (a neuron unstable for any sample is
+    back-substituted for all), so sparse bounds can differ slightly with the batch they are computed in.
     """
     eps_t, norm, method = _validate(model, x, eps, norm, method)
-    return _bound(model, x, eps_t, norm, method)
+    if conv_mode not in ("patches", "matrix"):
+        raise BoundInputError(f"unknown conv_mode {conv_mode!r}; known: patches, matrix")
+    return _bound(model, x, eps_t, norm, method, conv_mode=conv_mode, sparse=sparse)
 
 
 def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import Tuple
 
 import numpy
 import torch
+import torch.nn.functional as F
 import torch.onnx
 
 
@@ -109,11 +111,11 @@ def _unfold_like_patches(factor: torch.Tensor, A, spatial: tuple) -> torch.Tenso
         factor = factor.reshape((1,) * (4 - factor.dim()) + tuple(factor.shape))
     factor = factor.expand(factor.shape[0], in_c, *spatial)
     left, right, top, bottom = unify_shape(A.padding)
-    stride = A.stride if isinstance(A.stride, int) else A.stride[0]
+    step_h, step_w = _stride_hw(A.stride)
     padded = F.pad(factor, (left, right, top, bottom))
-    out_h = (padded.shape[2] - kh) // stride + 1
-    out_w = (padded.shape[3] - kw) // stride + 1
-    unfolded = F.unfold(padded, (kh, kw), stride=stride)  # (N, in_c * kh * kw, out_h * out_w)
+    out_h = (padded.shape[2] - kh) // step_h + 1
+    out_w = (padded.shape[3] - kw) // step_w + 1
+    unfolded = F.unfold(padded, (kh, kw), stride=(step_h, step_w))  # (N, in_c * kh * kw, out_h * out_w)
     unfolded = unfolded.view(factor.shape[0], in_c, kh, kw, out_h, out_w).permute(0, 4, 5, 1, 2, 3)
     if A.unstable_idx is None:
         if pieces.dim() != 7 or tuple(pieces.shape[2:4]) != (out_h, out_w):
@@ -258,6 +260,224 @@ def _patch_self_reload(bounded_module_cls: type) -> None:
     bounded_module_cls.load_state_dict = load_state_dict
 
 
+def dense_kernel(weight: torch.Tensor, groups: int, dilation) -> torch.Tensor:
+    """The kernel of the dense, undilated convolution equal to a grouped and/or dilated one:
+    ``(out, in / groups, k, k)`` -> ``(out, in, d (k - 1) + 1, ...)``, block-diagonal over the groups,
+    with zeros between the taps. Same padding and stride give the same outputs (and gradients reach
+    ``weight``)."""
+    out_channels, per_group, kh, kw = weight.shape
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    dense = weight.new_zeros(out_channels, per_group * groups, dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    out_per_group = out_channels // groups
+    for group in range(groups):
+        rows = slice(group * out_per_group, (group + 1) * out_per_group)
+        dense[rows, group * per_group:(group + 1) * per_group, ::dh, ::dw] = weight[rows]
+    return dense
+
+
+class _FixedValue:
+    """Stands in for a graph node whose value is known (what BoundConv.bound_backward reads)."""
+
+    def __init__(self, value: torch.Tensor, perturbed: bool = False):
+        self.lower = self.upper = self.value = value
+        self.perturbed = perturbed
+
+
+def _patch_grouped_dilated_conv_patches(bound_conv_cls: type, patches_cls: type) -> None:
+    # 12. In "patches" mode BoundConv.bound_backward ignores ``groups`` and ``dilation``: the patches
+    #     branch calls conv_transpose2d(patches, weight, stride=...) without either, and the
+    #     identity-patches branch reshapes a (out, in / groups, k, k) weight as if it held every input
+    #     channel. Full CROWN's bounds on a depthwise 3x3 convolution were violated by sampled and
+    #     PGD points by 1.8e-2 (16x16 inputs), dilated ones failed with shape errors; depthwise and
+    #     dilated convolutions are in every sep_conv / dil_conv and in the pooling rewrites. This is
+    #     the same in the newest upstream release (0.7.1). Fix: when the
+    #     coefficients are patches, run the backward of the equal dense, undilated convolution
+    #     (``dense_kernel``); matrix-mode coefficients keep the original path, which was correct.
+    #     Covered by tests/verifiers/test_patches.py (patches == matrix on every operation, sampled /
+    #     PGD / MILP soundness of full CROWN in patches mode).
+    original = bound_conv_cls.bound_backward
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def bound_backward(self, last_lA, last_uA, *x):
+        uses_patches = isinstance(last_lA, patches_cls) or isinstance(last_uA, patches_cls)
+        dilation = (self.dilation, self.dilation) if isinstance(self.dilation, int) else tuple(self.dilation)
+        if not uses_patches or (self.groups == 1 and dilation == (1, 1)):
+            return original(self, last_lA, last_uA, *x)
+        dense = dense_kernel(x[1].lower, self.groups, dilation)
+        saved = self.groups, self.dilation
+        self.groups, self.dilation = 1, (1, 1)
+        try:
+            return original(self, last_lA, last_uA, x[0], _FixedValue(dense, x[1].perturbed), *x[2:])
+        finally:
+            self.groups, self.dilation = saved
+
+    bound_backward._certnas_patched = True
+    bound_backward.__wrapped_original__ = original  # tests show the original is wrong in patches mode
+    bound_conv_cls.bound_backward = bound_backward
+
+
+def _stride_hw(stride) -> Tuple[int, int]:
+    """auto_LiRPA's patch strides are an int, (h, w), or its 4-tuple form (w, w, h, h)."""
+    if isinstance(stride, int):
+        return stride, stride
+    stride = tuple(int(s) for s in stride)
+    return (stride[0], stride[1]) if len(stride) == 2 else (stride[2], stride[0])
+
+
+def patches_to_matrix(pieces, input_shape, stride, padding, output_shape=None, unstable_idx=None):
+    """Dense coefficients ``(batch, rows, c, h, w)`` of patches: what auto_LiRPA's function of the same
+    name computes, with the row step of a padded ``(h_pad, w_pad)`` image being ``w_pad * stride_h``.
+
+    pieces: ``(out_c, batch, out_h, out_w, c, kh, kw)`` (rows = out_c * out_h * out_w), or with
+    ``unstable_idx = (channels, rows, cols)`` ``(unstable, batch, c, kh, kw)``; padding (left, right,
+    top, bottom) or an int."""
+    from auto_LiRPA.patches import unify_shape
+    left, right, top, bottom = unify_shape(padding)
+    step_h, step_w = _stride_hw(stride)
+    if pieces.ndim == 9:  # two extra singleton dimensions, as auto_LiRPA writes them
+        pieces = pieces.reshape(pieces.shape[0], *pieces.shape[2:5], *pieces.shape[6:])
+    channels, kernel_h, kernel_w = pieces.shape[-3:]
+    height, width = int(input_shape[-2]), int(input_shape[-1])
+    padded_h, padded_w = height + top + bottom, width + left + right
+    if unstable_idx is None:
+        out_c, batch, out_h, out_w = pieces.shape[:4]
+        matrix = pieces.new_zeros(batch, out_c, out_h, out_w, channels, padded_h * padded_w)
+        st = matrix.stride()
+        windows = torch.as_strided(matrix, [batch, out_c, out_h, out_w, out_h, out_w, channels, kernel_h, kernel_w],
+                                   [st[0], st[1], st[2], st[3], padded_w * step_h, step_w, st[4], padded_w, 1])
+        index = torch.arange(out_h * out_w, device=pieces.device)
+        rows, cols = index // out_w, index % out_w
+        windows[:, :, rows, cols, rows, cols] = pieces.transpose(0, 1).reshape(batch, out_c, out_h * out_w,
+                                                                             channels, kernel_h, kernel_w)
+        matrix = matrix.view(batch, out_c * out_h * out_w, channels, padded_h, padded_w)
+    else:
+        unstable, batch = pieces.shape[:2]
+        out_h, out_w = int(output_shape[-2]), int(output_shape[-1])
+        matrix = pieces.new_zeros(batch, unstable, channels, padded_h * padded_w)
+        st = matrix.stride()
+        windows = torch.as_strided(matrix, [batch, unstable, out_h, out_w, channels, kernel_h, kernel_w],
+                                   [st[0], st[1], padded_w * step_h, step_w, st[2], padded_w, 1])
+        windows[:, torch.arange(unstable, device=pieces.device), unstable_idx[1], unstable_idx[2]] = \
+            pieces.transpose(0, 1).to(matrix)
+        matrix = matrix.view(batch, unstable, channels, padded_h, padded_w)
+    return matrix[:, :, :, top:top + height, left:left + width]
+
+
+def _patch_patches_to_matrix() -> None:
+    # 13. auto_LiRPA.patches.patches_to_matrix steps from one output row to the next by the padded
+    #     *height* times the stride (``(input_x + pad_top + pad_bottom) * stride``) where a row-major
+    #     padded image needs the padded *width*. With padding that differs between the axes (the 1x3
+    #     and 3x1 passes of max_pool_3x3) the coefficients land on the wrong pixels: L2 CROWN bounds
+    #     differed from matrix mode by 2e-2 and the height pass failed with an out-of-bounds view. The
+    #     same function turns patches into a matrix once they outgrow the input, in L-inf too. It also
+    #     required an int stride. Replaced where auto_LiRPA imported it by name. Covered by
+    #     test_patches_to_matrix_matches_a_direct_construction and the L2 cases of
+    #     test_patches_mode_crown_equals_matrix_mode_on_every_operation (tests/verifiers/test_patches.py).
+    import auto_LiRPA.operators.convolution as convolution
+    import auto_LiRPA.operators.shape as shape
+    import auto_LiRPA.patches as patches
+    import auto_LiRPA.perturbations as perturbations
+    for module in (patches, perturbations, shape, convolution):
+        module.patches_to_matrix = patches_to_matrix
+
+
+def _patch_patch_strides() -> None:
+    # 14. compute_patches_stride_padding returns a stride that differs between the axes as a 4-tuple
+    #     (w, w, h, h), which inplace_unfold (L-inf concretisation, biases, per-position factors)
+    #     rejects with an assertion: full CROWN failed on max_pool_3x3 at stride 2, whose passes have
+    #     strides (1, 2) and (2, 1). A stride has one value per axis, so return it as (h, w), the form
+    #     every consumer accepts. Covered by the stride-2 cases of
+    #     test_patches_mode_crown_equals_matrix_mode_on_every_operation.
+    import auto_LiRPA.operators.convolution as convolution
+    import auto_LiRPA.operators.pooling as pooling
+    import auto_LiRPA.patches as patches
+    original = patches.compute_patches_stride_padding
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def compute_patches_stride_padding(*args, **kwargs):
+        padding, stride, output_padding = original(*args, **kwargs)
+        if not isinstance(stride, int) and len(stride) == 4:
+            stride = _stride_hw(stride)
+        return padding, stride, output_padding
+
+    compute_patches_stride_padding._certnas_patched = True
+    for module in (patches, convolution, pooling):
+        module.compute_patches_stride_padding = compute_patches_stride_padding
+
+
+def _patch_patches_add(patches_cls: type) -> None:
+    # 15. Patches.__add__ (coefficients of two branches meeting at one node) aligned the two windows by
+    #     their paddings alone. When the paddings are equal but the kernels are not (a 1x1 and a 2x2
+    #     stride-2 branch both give 4x4 outputs from 8x8: the output size rounds down), ``A1 + A2``
+    #     broadcast the 1x1 coefficients over the whole 2x2 window. Full CROWN's intermediate bounds
+    #     after skip_connect at stride 2 (DARTS' factorized reduce) were violated by corner points of
+    #     the input box by 0.47. Fix: place each window in input coordinates (window k covers rows
+    #     i * stride - top_k ... i * stride - top_k + kh_k - 1), pad both to the union of the two, and
+    #     keep the largest bottom / right padding, which leaves the output size unchanged (every
+    #     window's size rounds to the same output). Covered by the skip_connect stride-2 cases of
+    #     test_patches_mode_crown_equals_matrix_mode_on_every_operation and by
+    #     test_adding_patches_of_different_kernels_aligns_them_in_input_coordinates.
+    original = patches_cls.__add__
+    if getattr(original, "_certnas_patched", False):
+        return
+    from auto_LiRPA.patches import unify_shape
+
+    def __add__(self, other):
+        if not isinstance(other, patches_cls):
+            return original(self, other)
+        assert self.stride == other.stride and self.inserted_zeros == other.inserted_zeros
+        if self.unstable_idx is not None or other.unstable_idx is not None:
+            if self.unstable_idx is not other.unstable_idx:
+                raise ValueError('Please set bound option "sparse_conv_intermediate_bounds" to False to run this model.')
+        pads = [unify_shape(p.padding) for p in (self, other)]  # (left, right, top, bottom)
+        sizes = [tuple(p.patches.shape[-2:]) for p in (self, other)]  # (h, w)
+        top = max(pad[2] for pad in pads)
+        left = max(pad[0] for pad in pads)
+        height = top + max(size[0] - pad[2] for size, pad in zip(sizes, pads))
+        width = left + max(size[1] - pad[0] for size, pad in zip(sizes, pads))
+        total, bottom, right = None, 0, 0
+        for piece, size, pad in zip((self.patches, other.patches), sizes, pads):
+            extra = (left - pad[0], width - size[1] - (left - pad[0]), top - pad[2], height - size[0] - (top - pad[2]))
+            bottom = max(bottom, pad[3] + extra[3])
+            right = max(right, pad[1] + extra[1])
+            piece = F.pad(piece, extra) if any(extra) else piece
+            total = piece if total is None else total + piece
+        return patches_cls(total, other.stride, (left, right, top, bottom), total.shape, unstable_idx=self.unstable_idx,
+                           output_shape=self.output_shape, inserted_zeros=self.inserted_zeros,
+                           output_padding=self.output_padding)
+
+    __add__._certnas_patched = True
+    patches_cls.__add__ = __add__
+
+
+def _patch_bias_layout_after_matrix_switch() -> None:
+    # 16. Back-substitution in patches mode keeps the accumulated bias in the patches layout
+    #     (batch, C, H, W) and reshapes it to the matrix layout (batch, C * H * W) only when a later node
+    #     returns a tensor bias (check_patch_biases). A bias-free convolution that switches the
+    #     coefficients to a dense matrix (once patches outgrow the input) left the bias in the patches
+    #     layout, and concretize failed ("size of tensor a (4) must match ... (64)") on sep_conv_3x3 at
+    #     stride 2. When the coefficients reaching the input are a matrix, flatten the bias the way
+    #     patches_to_matrix orders its rows (channel, then row, then column). Covered by the stride-2
+    #     cases of test_patches_mode_crown_equals_matrix_mode_on_every_operation.
+    import auto_LiRPA.backward_bound as backward_bound
+    original = backward_bound.concretize
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def flat(bias):
+        return bias.reshape(bias.shape[0], -1) if isinstance(bias, torch.Tensor) and bias.ndim > 2 else bias
+
+    def concretize(lb, ub, node, root, batch_size, output_dim, *args, **kwargs):
+        if any(type(A) is torch.Tensor for r in root for A in (r.lA, r.uA)):
+            lb, ub = flat(lb), flat(ub)
+        return original(lb, ub, node, root, batch_size, output_dim, *args, **kwargs)
+
+    concretize._certnas_patched = True
+    backward_bound.concretize = concretize
+
+
 import logging  # noqa: E402
 import warnings  # noqa: E402
 
@@ -281,6 +501,7 @@ with warnings.catch_warnings():
     warnings.simplefilter = _simplefilter
 
 from auto_LiRPA.operators.bivariate import BoundMul  # noqa: E402
+from auto_LiRPA.operators.convolution import BoundConv  # noqa: E402
 from auto_LiRPA.operators.constant import BoundConstant  # noqa: E402
 from auto_LiRPA.operators.leaf import BoundParams  # noqa: E402
 from auto_LiRPA.patches import Patches  # noqa: E402
@@ -290,6 +511,11 @@ _patch_self_reload(BoundedModule)
 _patch_mul_by_unperturbed(BoundMul, Patches)
 _patch_constant_bounds(BoundConstant)
 _patch_params_keep_requires_grad(BoundParams)
+_patch_grouped_dilated_conv_patches(BoundConv, Patches)
+_patch_patches_to_matrix()
+_patch_patch_strides()
+_patch_patches_add(Patches)
+_patch_bias_layout_after_matrix_switch()
 
 AUTO_LIRPA_VERSION: str = getattr(auto_LiRPA, "__version__", "unknown")
 

@@ -100,16 +100,30 @@ def relu_neurons(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> None:
-    """Full CROWN runs in matrix mode here (patches mode is unsound in auto_LiRPA 0.3), whose cost
-    grows with neurons x input size: refuse networks beyond ``max_relus`` ReLU neurons."""
-    if method not in ("crown", "alpha-crown"):
+    """Full CROWN computes a bound for every ReLU input by its own back-substitution, so its cost grows
+    with the number of ReLU neurons times the depth: refuse networks beyond ``max_relus`` ReLU
+    neurons (0: no limit)."""
+    if method not in ("crown", "alpha-crown") or max_relus <= 0:
         return
     count = relu_neurons(model, x)
     if count > max_relus:
         raise UnsupportedModelError(
             f"{method}: the network has {count} ReLU neurons, more than --crown-max-relus {max_relus}; full CROWN "
-            f"runs in matrix mode (auto_LiRPA 0.3's patches mode is unsound) and would take hours here. "
-            f"Use ibp or crown-ibp, or raise the limit")
+            f"back-substitutes every neuron IBP cannot prove stable, about a minute per sample at 103,488 ReLUs when "
+            f"that is most of them (2 threads). Use ibp or crown-ibp, or raise the limit (0: none)")
+
+
+# CROWN's coefficient matrices grow with (samples at once) x (ReLU neurons bounded): above this
+# many ReLU neurons per batch, crown / alpha-crown bound fewer samples at once (a batch of 8 inputs of
+# the default 103,488-ReLU network took more than 22 GB and was killed; one input at a time runs).
+CROWN_BATCH_RELUS = 20000
+
+
+def method_batch_size(model: nn.Module, x: torch.Tensor, method: str, batch_size: int) -> int:
+    """``batch_size``, made smaller for crown / alpha-crown on large networks (CROWN_BATCH_RELUS)."""
+    if method not in ("crown", "alpha-crown"):
+        return batch_size
+    return max(1, min(batch_size, CROWN_BATCH_RELUS // max(1, relu_neurons(model, x))))
 
 
 def crown_feasible(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> bool:
@@ -157,6 +171,7 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
     if method == "milp":
         return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
     out: List[Optional[float]] = []
+    batch_size = method_batch_size(model, x, method, batch_size)
     with torch.no_grad() if BoundMethod.parse(method) is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
@@ -186,7 +201,7 @@ def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
 def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
                    methods: Sequence[str], indices: Optional[Sequence[int]] = None,
                    falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-                   milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+                   milp_max_relus: int = 2000, crown_max_relus: int = 250000,
                    progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
     """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified for an
     exact milp minimum < 0). x: (B, ...) in [0, 1]; y: (B,)."""
@@ -216,7 +231,7 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
             methods: Sequence[str] = CASCADE_ORDER, indices: Optional[Sequence[int]] = None,
             falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-            milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+            milp_max_relus: int = 2000, crown_max_relus: int = 250000,
             progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
     """Cheap methods first, each on the samples still undecided; one final result per sample,
     whose ``method`` names what decided it ("clean" / "attack" for falsified, "-" for unknown).
@@ -295,7 +310,7 @@ def milp_radius(model: nn.Module, x: torch.Tensor, y: int, *, eps_max: float, st
 def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", methods: Sequence[str],
           eps_max: float = 0.5, steps: int = 12, eps_min: float = 0.0, indices: Optional[Sequence[int]] = None,
           falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-          milp_max_relus: int = 2000, crown_max_relus: int = 4000,
+          milp_max_relus: int = 2000, crown_max_relus: int = 250000,
           progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
     """Certified radius per sample and method (batched bisection; per-sample MILP bisection for
     milp), each attacked at its radius by the guard. Radii are within ``eps_max / 2**steps`` below
@@ -323,8 +338,9 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
             radius = torch.tensor(values, device=x.device, dtype=x.dtype)
         else:
             parts = []
-            for start in range(0, len(x), batch_size):
-                part = slice(start, start + batch_size)
+            step = method_batch_size(model, x, method, batch_size)
+            for start in range(0, len(x), step):
+                part = slice(start, start + step)
                 parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=eps_max,
                                               steps=steps, eps_min=eps_min))
                 if progress is not None:

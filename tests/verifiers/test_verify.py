@@ -105,3 +105,19 @@ def test_log_space_radius_is_certified_where_returned_and_close_to_the_linear_bi
     assert (bound > 0).all()  # every returned radius is certified
     factor = (0.5 / 1e-6) ** (1 / 2 ** 12)
     assert torch.allclose(log[positive], linear[positive], rtol=factor - 1 + 1e-4)
+
+
+def test_crown_bounds_fewer_samples_at_once_on_large_networks_with_the_same_results(monkeypatch):
+    model, x, y = _tiny(3)
+    assert verify_module.method_batch_size(model, x, "crown", 64) == 64  # 16 ReLUs
+    assert verify_module.method_batch_size(model, x, "ibp", 64) == 64
+    together = verify_methods(model, x, y, 0.05, methods=["crown"])
+    calls = []
+    original = verify_module.margin_lower_bound
+    monkeypatch.setattr(verify_module, "margin_lower_bound", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    monkeypatch.setattr(verify_module, "CROWN_BATCH_RELUS", 40)  # 16 ReLUs per sample: 2 samples at once
+    assert verify_module.method_batch_size(model, x, "crown", 64) == 2
+    assert verify_module.method_batch_size(model, x, "crown-ibp", 64) == 64
+    apart = verify_methods(model, x, y, 0.05, methods=["crown"])
+    assert calls == [2, 2, 2]
+    assert [r.margin_bound for r in apart] == pytest.approx([r.margin_bound for r in together], abs=1e-5)
