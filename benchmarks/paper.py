@@ -84,7 +84,8 @@ SCALES = {
     "cpu": Scale("cpu",
                  search={"layers": 3, "init_channels": 4, "epochs": 2, "train_limit": 256, "val_limit": 256,
                          "batch_size": 32, "metric_samples": 8},
-                 train={"layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000},
+                 train={"layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000,
+                        "stem": "cifar"},
                  attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
                  verify_pgd_steps=10,
                  eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
@@ -95,7 +96,8 @@ SCALES = {
     "tiny": Scale("tiny",
                   search={"layers": 3, "init_channels": 4, "steps": 2, "multiplier": 2, "epochs": 1, "train_limit": 16,
                           "val_limit": 16, "batch_size": 8, "metric_samples": 4, "bound": "ibp"},
-                  train={"layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50},
+                  train={"layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50,
+                         "stem": "cifar"},
                   attack_n=10, attack_steps=3, autoattack_version="fast", verify_n=8, radius_steps=3, verify_pgd_steps=2,
                   eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                   verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
@@ -105,7 +107,7 @@ SCALES = {
                    search={"layers": 8, "init_channels": 16, "epochs": 50, "train_limit": 0, "val_limit": 0,
                            "batch_size": 64, "metric_samples": 16},
                    train={"layers": 20, "init_channels": 36, "epochs": 600, "batch_size": 96, "auxiliary": True,
-                          "drop_path": 0.2, "eval_limit": 0},
+                          "drop_path": 0.2, "eval_limit": 0, "stem": "cifar"},
                    attack_n=1000, attack_steps=100, autoattack_version="standard", verify_n=1000, radius_steps=15,
                    verify_pgd_steps=50,
                    eps={"mnist": {"inf": 0.1, "2": 1.0}, "cifar10": {"inf": 8 / 255, "2": 0.5}},
@@ -116,6 +118,9 @@ SCALES = {
                              "train": {"layers": 14, "init_channels": 48, "epochs": 250, "batch_size": 128,
                                        "stem": "imagenet", "drop_path": 0.0}}),
 }
+
+
+PAPER_CROWN_MAX_RELUS = 4000
 
 
 def config_hash(*parts: Any) -> str:
@@ -192,8 +197,10 @@ class Pipeline:
         from verifiers.verify import crown_feasible
         import torch
         probe = torch.rand(1, *self._input_shape(model))
+        # 4000: the ReLU limit of full CROWN when these tables were computed (no cpu-scale network is under it).
+        # Filling the CROWN column with the faster sparse CROWN of verifiers.bounds is still to be run.
         methods = ("ibp", "crown-ibp") + (("crown",) if crown_feasible(load_model(model), probe, "crown",
-                                                                        VerifyConfig.crown_max_relus) else ())
+                                                                        PAPER_CROWN_MAX_RELUS) else ())
         config = VerifyConfig(methods=methods, eps=self.scale.verify_eps[dataset][norm], norm=norm, n=self.scale.verify_n,
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
                               radius_min=self.scale.radius_min,

@@ -195,21 +195,43 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.option("--network", type=click.Choice(["darts", "mlp"]), default="darts", show_default=True,
               help="darts: the cell network of --genotype; mlp: a plain ReLU MLP (small enough for --method milp).")
 @click.option("--hidden", default="128,128", show_default=True, help="Hidden widths of --network mlp.")
-@click.option("--layers", type=int, default=4, show_default=True, help="Cells (paper: 20).")
-@click.option("--init-channels", type=int, default=8, show_default=True, help="Initial channels (paper: 36).")
+@click.option("--layers", type=int, default=2, show_default=True,
+              help="Cells (paper: 20; reduction cells at 1/3 and 2/3 of the depth from 3 cells on).")
+@click.option("--init-channels", type=int, default=16, show_default=True, help="Initial channels (paper: 36).")
 @click.option("--auxiliary/--no-auxiliary", default=False, show_default=True, help="Auxiliary head (weight 0.4).")
-@click.option("--stem", type=click.Choice(["cifar", "imagenet"]), default="cifar", show_default=True,
-              help="cifar: one 3x3 convolution; imagenet: three stride-2 convolutions (for large images).")
+@click.option("--stem", type=click.Choice(["cifar", "strided", "imagenet"]), default="strided", show_default=True,
+              help="strided: one stride-2 3x3 convolution (cells at half the resolution); cifar: the same at stride 1 "
+                   "(DARTS' CIFAR stem, the paper's); imagenet: three stride-2 convolutions (for large images).")
 @click.option("--drop-path", type=float, default=0.0, show_default=True,
               help="Drop-path probability, reached linearly by the last epoch (paper: 0.2; not with ibp/crown-ibp).")
 @click.option("--mode", type=click.Choice(["standard", "pgd", "ibp", "crown-ibp"]), default="standard",
               show_default=True, help="Training objective.")
+@click.option("--eps-train", type=EPS, default=None,
+              help="eps the robust modes train at (default: --eps, the eps reported in the summary).")
 @click.option("--pgd-steps", type=int, default=7, show_default=True, help="PGD steps of --mode pgd.")
 @click.option("--warmup-epochs", type=int, default=1, show_default=True, help="Clean epochs before the eps ramp.")
-@click.option("--ramp-epochs", type=int, default=2, show_default=True, help="Epochs over which eps grows to --eps.")
-@click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs (paper: 600).")
+@click.option("--ramp-epochs", type=int, default=None,
+              help="Epochs over which eps grows to its target (default: half the epochs for ibp / crown-ibp, 2 for pgd).")
+@click.option("--eps-schedule", type=click.Choice(["smooth", "linear", "log"]), default="smooth", show_default=True,
+              help="Shape of the certified modes' eps ramp: smooth (slow polynomial start, then linear), linear, or "
+                   "log (equal time per decade from --eps-start).")
+@click.option("--eps-start", type=EPS, default="1e-6", show_default=True, help="Where --eps-schedule log starts.")
+@click.option("--kappa-end", type=float, default=0.0, show_default=True,
+              help="Weight of the clean loss at the end of the ramp (from 1): kappa CE + (1 - kappa) robust CE.")
+@click.option("--crown-rows", type=int, default=1, show_default=True,
+              help="crown-ibp: back-substitute only the margins of this many classes with the lowest IBP bound "
+                   "(0: all); the rest keep their IBP bound.")
+@click.option("--reg-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the warm-up regulariser during the ramp (bound tightness and ReLU balance; 0: off).")
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs (default: 20 for ibp / crown-ibp, 10 otherwise; paper: 600).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
-@click.option("--lr", type=float, default=0.025, show_default=True, help="SGD learning rate (cosine schedule).")
+@click.option("--optimizer", type=click.Choice(["auto", "sgd", "adam"]), default="auto", show_default=True,
+              help="auto: Adam for ibp / crown-ibp, SGD (momentum 0.9) otherwise.")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate, cosine-annealed (default: 0.025 for SGD, 3e-3 for Adam).")
+@click.option("--max-loss", type=float, default=1e4, show_default=True,
+              help="Stop (keeping the last good checkpoint) when a batch loss exceeds this; 0: only a non-finite loss stops.")
 @click.option("--train-limit", type=int, default=0, show_default=True, help="Training samples per epoch (0: all).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), show_default=True,
               help="Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
@@ -218,8 +240,9 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.pass_context
 @_fail_cleanly
 def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, network, hidden, layers,
-          init_channels, auxiliary, stem, drop_path, mode, pgd_steps, warmup_epochs, ramp_epochs, epochs, batch_size, lr,
-          train_limit, out, resume, force):
+          init_channels, auxiliary, stem, drop_path, mode, eps_train, pgd_steps, warmup_epochs, ramp_epochs, eps_schedule,
+          eps_start, kappa_end, crown_rows, reg_weight, epochs, batch_size, optimizer, lr, max_loss, train_limit, out,
+          resume, force):
     """Train a network from a genotype: standard, PGD, IBP or CROWN-IBP training."""
     from certnas.config import ConfigError
     from certnas.train import TrainConfig, train as run_train
@@ -230,14 +253,22 @@ def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, n
         raise ConfigError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
     config = TrainConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
                          network=network, genotype=genotype, layers=layers, init_channels=init_channels,
-                         auxiliary=auxiliary, stem=stem, drop_path=drop_path, hidden=widths, mode=mode, eps=eps, norm=norm,
-                         pgd_steps=pgd_steps, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, epochs=epochs,
-                         batch_size=batch_size, lr=lr, train_limit=train_limit, seed=seed, device=device)
+                         auxiliary=auxiliary, stem=stem, drop_path=drop_path, hidden=widths, mode=mode, eps=eps,
+                         eps_train=eps_train, norm=norm, pgd_steps=pgd_steps, warmup_epochs=warmup_epochs,
+                         ramp_epochs=ramp_epochs, eps_schedule=eps_schedule, eps_start=eps_start, kappa_end=kappa_end,
+                         crown_rows=crown_rows, reg_weight=reg_weight, epochs=epochs, batch_size=batch_size,
+                         optimizer=optimizer, lr=lr, max_loss=max_loss, train_limit=train_limit, seed=seed, device=device)
     summary = run_train(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"])
     if not ctx.obj["quiet"]:
         top5 = f" (top-5 {summary['test_top5_acc']:.4f})" if "test_top5_acc" in summary else ""
         click.echo(f"test accuracy {summary['test_acc']:.4f}{top5} on {summary['test_samples']} samples; "
                    f"model written to {out / 'model.pt'}")
+        for name in ("ibp", "crown-ibp"):
+            if f"test_{name}_verified" in summary:
+                click.echo(f"verified accuracy ({name}, L-inf eps {summary['verified_eps']:g}): "
+                           f"{summary[f'test_{name}_verified']:.4f}")
+        for warning in summary.get("warnings", []):
+            click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -288,8 +319,8 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
               help="Steps of the PGD that gives the upper bound and guards every certificate.")
 @click.option("--milp-time-limit", type=float, default=60.0, show_default=True,
               help="Seconds per MILP solve (one per other class); a timeout counts as not certified.")
-@click.option("--crown-max-relus", type=int, default=4000, show_default=True,
-              help="Largest network (ReLU neurons) crown / alpha-crown are run on (matrix mode is costly).")
+@click.option("--crown-max-relus", type=int, default=250000, show_default=True,
+              help="Largest network (ReLU neurons) crown / alpha-crown are run on (their cost grows with it; 0: no limit).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples bounded at once.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for verify.csv and verify.json (default: next to MODEL).")

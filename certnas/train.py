@@ -15,8 +15,9 @@ of its training data); accuracy is reported on the test split.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,66 +32,117 @@ from certnas.data import DataInfo
 from certnas.io import save_model
 from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
-from certnas.space.network import STEMS, NetworkConfig, build_network
+from certnas.space.network import STEMS, NetworkConfig, build_network, odd_reduction
+from verifiers.bounds import parse_norm
+from verifiers.errors import CertnasError
+
+logger = logging.getLogger(__name__)
 
 MODES = ("standard", "pgd", "ibp", "crown-ibp")
+CERTIFIED_MODES = ("ibp", "crown-ibp")
 NETWORKS = ("darts", "mlp")
+OPTIMIZERS = ("auto", "sgd", "adam")
+INITS = ("auto", "standard", "ibp")
+EPS_SCHEDULES = ("smooth", "linear", "log")
+REG_FORMS = ("log", "ratio")
+DEFAULT_LR = {"sgd": 0.025, "adam": 3e-3}
+DEFAULT_EPOCHS = {"standard": 10, "pgd": 10, "ibp": 20, "crown-ibp": 20}
+
+
+class TrainingDivergedError(CertnasError):
+    """The training loss became non-finite or exploded; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run. Defaults: the embedded-MNIST CPU setting (README); the
-    paper's final network is layers=20, init_channels=36, epochs=600, auxiliary, drop_path=0.2."""
+    """Every setting of a training run. Defaults: the embedded-MNIST CPU setting (README: two PC-DARTS
+    cells, 16 channels, the strided stem); the paper's final network is layers=20, init_channels=36,
+    stem="cifar", epochs=600, auxiliary, drop_path=0.2.
+
+    ``auto`` / None settings depend on the mode (see :meth:`resolved`): certified modes (ibp,
+    crown-ibp) train 20 epochs, ramping eps over the first half after one clean epoch, with Adam at
+    lr 3e-3 and IBP initialisation (Shi et al. 2021); standard and pgd train 10 epochs with SGD at
+    lr 0.025 and PyTorch's default initialisation (pgd ramps eps over 2 epochs)."""
     data: str = "mnist-embedded"
     data_root: Optional[str] = None
     image_size: int = 32
     network: str = "darts"
     genotype: str = "PC_DARTS"
-    layers: int = 4
-    init_channels: int = 8
+    layers: int = 2
+    init_channels: int = 16
     auxiliary: bool = False
-    stem: str = "cifar"
+    stem: str = "strided"
     auxiliary_weight: float = 0.4
     drop_path: float = 0.0
     hidden: Tuple[int, ...] = (128, 128)
     mode: str = "standard"
     eps: float = 0.1
+    eps_train: Optional[float] = None
     norm: str = "inf"
     pgd_steps: int = 7
     warmup_epochs: int = 1
-    ramp_epochs: int = 2
-    kappa_end: float = 0.5
+    ramp_epochs: Optional[int] = None
+    eps_schedule: str = "smooth"
+    eps_start: float = 1e-6
+    kappa_end: float = 0.0
     beta_start: float = 1.0
     beta_end: float = 0.0
-    epochs: int = 5
+    crown_rows: int = 1
+    reg_weight: float = 0.5
+    reg_tolerance: float = 0.5
+    reg_form: str = "log"
+    epochs: Optional[int] = None
     batch_size: int = 64
     train_limit: int = 0
     eval_limit: int = 1000
-    lr: float = 0.025
+    optimizer: str = "auto"
+    lr: Optional[float] = None
     lr_min: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
+    init: str = "auto"
+    max_loss: float = 1e4
     seed: int = 0
     device: str = "cpu"
 
+    @property
+    def certified(self) -> bool:
+        return self.mode in CERTIFIED_MODES
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every ``auto`` / None setting replaced by the value it stands for."""
+        optimizer = self.optimizer if self.optimizer != "auto" else ("adam" if self.certified else "sgd")
+        epochs = DEFAULT_EPOCHS.get(self.mode, 10) if self.epochs is None else self.epochs
+        ramp = (max(epochs // 2, 1) if self.certified else 2) if self.ramp_epochs is None else self.ramp_epochs
+        return replace(self, optimizer=optimizer, lr=DEFAULT_LR[optimizer] if self.lr is None else self.lr,
+                       init=self.init if self.init != "auto" else ("ibp" if self.certified else "standard"),
+                       eps_train=self.eps if self.eps_train is None else self.eps_train, epochs=epochs,
+                       ramp_epochs=ramp)
+
     def validate(self) -> "TrainConfig":
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
-        if self.network not in NETWORKS:
-            raise ConfigError(f"unknown network {self.network!r}; known: {', '.join(NETWORKS)}")
+        """Raise ConfigError for an unknown or out-of-range setting; returns self."""
+        resolved = self.resolved() if self.mode in MODES else self
+        for name, value, known in (("mode", self.mode, MODES), ("network", self.network, NETWORKS),
+                                   ("optimizer", self.optimizer, OPTIMIZERS), ("init", self.init, INITS),
+                                   ("eps schedule", self.eps_schedule, EPS_SCHEDULES), ("stem", self.stem, STEMS),
+                                   ("regulariser form", self.reg_form, REG_FORMS)):
+            if value not in known:
+                raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eps < 0 or self.warmup_epochs < 0 or self.ramp_epochs < 0:
-            raise ConfigError("eps, warmup_epochs and ramp_epochs must be >= 0")
+            if getattr(resolved, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(resolved, name)}")
+        if self.eps < 0 or self.warmup_epochs < 0 or resolved.ramp_epochs < 0 or (self.eps_train or 0) < 0:
+            raise ConfigError("eps, eps_train, warmup_epochs and ramp_epochs must be >= 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.crown_rows < 0 or self.reg_weight < 0 or not 0 < self.reg_tolerance <= 1 or self.max_loss < 0:
+            raise ConfigError("crown_rows, reg_weight and max_loss must be >= 0 and reg_tolerance in (0, 1]")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"drop_path must lie in [0, 1), got {self.drop_path}")
-        if self.mode in ("ibp", "crown-ibp") and self.drop_path > 0:
+        if self.certified and self.drop_path > 0:
             raise ConfigError("drop-path makes the network random, so its bounds would not hold: "
                               "use --drop-path 0 with --mode ibp / crown-ibp")
-        if self.stem not in STEMS:
-            raise ConfigError(f"unknown stem {self.stem!r}; known: {', '.join(STEMS)}")
         if self.network == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise ConfigError(f"--hidden must list positive widths, got {self.hidden}")
         return self
@@ -108,27 +160,54 @@ def resolve_genotype(text: str) -> Genotype:
 
 def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
     genotype = resolve_genotype(config.genotype).to_dict() if config.network == "darts" else None
+    problem = odd_reduction(info.image_size, config.layers, config.stem) if config.network == "darts" else None
+    if problem:
+        raise ConfigError(f"--layers {config.layers} with --stem {config.stem} on {info.image_size}x{info.image_size} "
+                          f"images: {problem}, and stride-2 pooling needs even sizes; use --stem cifar or fewer "
+                          "--layers")
     return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
                          hidden=tuple(config.hidden), stem=config.stem)
 
 
+def smooth_ramp(progress: float, knee: float = 0.25, power: float = 4.0) -> float:
+    """Share of the target eps at ``progress`` in [0, 1] of the ramp: ``(progress / knee) ** power``
+    scaled to join, with the same slope, a straight line that reaches 1 at the end. A slow start
+    keeps the first certified steps from meeting the full width of an untrained network's bounds."""
+    progress = min(max(progress, 0.0), 1.0)
+    at_knee = knee / (power * (1 - knee) + knee)  # value at the knee that makes the slopes equal
+    if progress < knee:
+        return at_knee * (progress / knee) ** power
+    return at_knee + (1 - at_knee) * (progress - knee) / (1 - knee)
+
+
 def schedule(config: TrainConfig, step: int, steps_per_epoch: int) -> Dict[str, float]:
-    """eps, kappa and beta at global batch ``step``: 0 during warm-up, then a linear ramp."""
+    """eps, kappa, beta and the ramp's progress at global batch ``step``: eps 0 during warm-up, then a
+    ramp to the training eps (``smooth``, ``linear`` or ``log`` for the certified modes, linear for
+    pgd; kappa and beta linear in the ramp's progress), then constant."""
     if config.mode == "standard":
-        return {"eps": 0.0, "kappa": 1.0, "beta": config.beta_start}
+        return {"eps": 0.0, "kappa": 1.0, "beta": config.beta_start, "progress": 0.0}
+    if config.ramp_epochs is None or config.eps_train is None:
+        config = config.resolved()
     start = config.warmup_epochs * steps_per_epoch
     length = config.ramp_epochs * steps_per_epoch
     progress = 1.0 if length == 0 else min(max((step - start + 1) / length, 0.0), 1.0)
     if step < start:
         progress = 0.0
-    return {"eps": config.eps * progress, "kappa": 1.0 - (1.0 - config.kappa_end) * progress,
-            "beta": config.beta_start + (config.beta_end - config.beta_start) * progress}
+    target = config.eps_train
+    share = progress
+    if config.certified and config.eps_schedule == "smooth":
+        share = smooth_ramp(progress)
+    elif config.certified and config.eps_schedule == "log" and progress > 0:
+        share = min(config.eps_start / target, 1.0) ** (1.0 - progress) if target > 0 else 0.0
+    return {"eps": target * share, "kappa": 1.0 - (1.0 - config.kappa_end) * progress,
+            "beta": config.beta_start + (config.beta_end - config.beta_start) * progress, "progress": progress}
 
 
 def certified_margins(model: nn.Module, x, y, eps: float, norm: str, mode: str, beta: float) -> torch.Tensor:
-    """(B, K) margin lower bounds of the training mode (beta mixes CROWN-IBP with IBP)."""
+    """(B, K) margin lower bounds of the training mode by auto_LiRPA (beta mixes CROWN-IBP with IBP);
+    the L2 path of certified training."""
     from verifiers.bounds import margin_lower_bounds
     if mode == "ibp" or beta <= 0:
         return margin_lower_bounds(model, x, y, eps, norm=norm, method="ibp")
@@ -138,46 +217,146 @@ def certified_margins(model: nn.Module, x, y, eps: float, norm: str, mode: str, 
     return beta * crown_ibp + (1 - beta) * margin_lower_bounds(model, x, y, eps, norm=norm, method="ibp")
 
 
+def ibp_initialise(model: nn.Module) -> None:
+    """Shi et al. (2021): weights of every convolution and linear layer but the classifier drawn from
+    N(0, 2 pi / fan_in**2), which keeps IBP interval widths from growing layer after layer at the
+    start of training. Fixed (buffer) kernels are not parameters and stay as they are."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in layers[:-1]:
+        fan_in = layer.weight[0].numel()
+        with torch.no_grad():
+            layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
+
+
+def warmup_regulariser(bounds, tolerance: float, form: str = "log") -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Warm-up terms after Shi et al. (2021), averaged over ReLUs, from the IBP bounds of each ReLU input:
+
+    - tightness: with r the mean interval radius before the ReLU and r_in that of the input ball,
+      ``ratio`` (Shi et al.): ``relu(tau - r_in / r) / tau``, which penalises bounds more than 1/tau times
+      wider than the input ball but saturates (its gradient vanishes) when they are far wider;
+      ``log``: ``relu(log(r / r_in) - log(1 / tau))``, the same threshold with a gradient that does not
+      vanish, for deep networks whose widths start 1e6-1e15 times the input's (README, certified training);
+    - balance: ``relu(tau - min(q, 1/q)) / tau`` for q the ratio of the mean (and of the spread) of the
+      interval centres over the surely active and the surely inactive neurons: penalises a network
+      whose ReLUs are mostly dead or mostly linear under the bounds.
+    """
+    radius_in = bounds.input_radius.mean().clamp_min(1e-30)
+    tight, balance, count = 0.0, 0.0, 0
+    for lower, upper in bounds.relu_inputs():
+        centre, radius = (upper + lower) / 2, (upper - lower) / 2
+        if form == "log":
+            tight = tight + F.relu(torch.log(radius.mean().clamp_min(1e-30) / radius_in) + math.log(tolerance))
+        else:
+            tight = tight + F.relu(tolerance - radius_in / radius.mean().clamp_min(1e-30)) / tolerance
+        active, inactive = (lower > 0).to(centre.dtype), (upper < 0).to(centre.dtype)
+        spread = (centre - centre.mean()) ** 2
+        for a, b in (((centre * active).mean(), -(centre * inactive).mean()),
+                     ((spread * active).sum(), (spread * inactive).sum())):
+            q = a / b.clamp_min(1e-12)
+            term = F.relu(tolerance - torch.minimum(q, 1 / q.clamp_min(1e-12))) / tolerance
+            if torch.isfinite(term):
+                balance = balance + term
+        count += 1
+    if count == 0:
+        return bounds.logits.sum() * 0, {}
+    tight, balance = tight / count, balance / count
+    return tight + balance, {"reg_tightness": float(torch.as_tensor(tight).detach()),
+                             "reg_balance": float(torch.as_tensor(balance).detach())}
+
+
 class Trainer:
-    """The network, optimiser and the loss of one training mode."""
+    """The network, optimiser and the loss of one training mode (``auto`` settings resolved here)."""
 
     def __init__(self, config: TrainConfig, network: NetworkConfig):
-        self.config = config
+        self.config = config = config.resolved()
         self.device = torch.device(config.device)
         self.model = build_network(network).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        if config.init == "ibp":
+            ibp_initialise(self.model)
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), config.lr, momentum=config.momentum,
+                                             weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs, eta_min=config.lr_min)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        config, model = self.config, self.model
-        details: Dict[str, float] = {}
-        if config.mode == "pgd" and plan["eps"] > 0:
-            x = PGD(model, plan["eps"], config.norm, steps=config.pgd_steps)(x, y)
-        if hasattr(model, "forward_with_aux"):
-            logits, aux = model.forward_with_aux(x)
-        else:
-            logits, aux = model(x), None
+    def _forward(self, x):
+        if hasattr(self.model, "forward_with_aux"):
+            return self.model.forward_with_aux(x)
+        return self.model(x), None
+
+    def _natural_loss(self, logits, aux, y) -> torch.Tensor:
         loss = F.cross_entropy(logits, y)
         if aux is not None:
-            loss = loss + config.auxiliary_weight * F.cross_entropy(aux, y)
-        if config.mode in ("ibp", "crown-ibp") and plan["eps"] > 0:
-            margins = certified_margins(model, x, y, plan["eps"], config.norm, config.mode, plan["beta"])
-            robust = F.cross_entropy(-margins, y)
-            loss = plan["kappa"] * loss + (1 - plan["kappa"]) * robust
-            details = {"robust_loss": robust.item(), "train_verified": (margins.topk(2, dim=1, largest=False).values[:, 1] > 0)
-                       .float().mean().item()}
-        details.update({"train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()})
+            loss = loss + self.config.auxiliary_weight * F.cross_entropy(aux, y)
+        return loss
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        config = self.config
+        if config.mode == "pgd" and plan["eps"] > 0:
+            x = PGD(self.model, plan["eps"], config.norm, steps=config.pgd_steps)(x, y)
+        if not (config.certified and plan["eps"] > 0):
+            logits, aux = self._forward(x)
+            loss = self._natural_loss(logits, aux, y)
+            return loss, {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()}
+        details: Dict[str, float] = {}
+        if parse_norm(config.norm) == math.inf:
+            from verifiers.interval import interval_margins
+            use_crown = config.mode == "crown-ibp" and plan["beta"] > 0
+            bounds = interval_margins(self.model, x, y, plan["eps"], crown_ibp=use_crown, crown_rows=config.crown_rows,
+                                      forward=getattr(self.model, "forward_with_aux", None))
+            logits, aux = bounds.logits, bounds.auxiliary
+            margins = bounds.ibp if not use_crown else plan["beta"] * bounds.crown_ibp + (1 - plan["beta"]) * bounds.ibp
+            regulariser = None
+            strength = config.reg_weight * (1 - plan["progress"])
+            if strength > 0:
+                regulariser, reg_details = warmup_regulariser(bounds, config.reg_tolerance, config.reg_form)
+                details.update(reg_details)
+        else:  # L2: auto_LiRPA (its Lp-ball input nodes)
+            logits, aux = self._forward(x)
+            margins = certified_margins(self.model, x, y, plan["eps"], config.norm, config.mode, plan["beta"])
+            regulariser = None
+        natural = self._natural_loss(logits, aux, y)
+        robust = F.cross_entropy(-margins, y)
+        loss = plan["kappa"] * natural + (1 - plan["kappa"]) * robust
+        if regulariser is not None:
+            loss = loss + strength * regulariser
+        others = margins.scatter(1, y[:, None], float("inf"))
+        details.update({"robust_loss": robust.item(), "train_verified": (others.min(1).values > 0).float().mean().item(),
+                        "train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()})
         return loss, details
 
     def step(self, x, y, plan) -> Dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, details = self.loss(x, y, plan)
+        if not math.isfinite(details["train_loss"]) or (self.config.max_loss and details["train_loss"] > self.config.max_loss):
+            raise TrainingDivergedError(
+                f"loss {details['train_loss']:.3g} at eps {plan['eps']:.4g}")
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return details
+
+
+@torch.no_grad()
+def verified_accuracy(model: nn.Module, dataset, device, eps: float, limit: int = 0, batch_size: int = 200,
+                      crown_ibp: bool = True) -> Dict[str, float]:
+    """Fraction of the first ``limit`` samples (0: all) that are correctly classified and certified at
+    L-inf ``eps`` by IBP and by CROWN-IBP (eval mode; the interval engine of ``verifiers.interval``)."""
+    from verifiers.interval import interval_margins
+    was_training = model.training
+    model.eval()
+    count = min(len(dataset), limit or len(dataset))
+    certified = {"ibp": 0, "crown-ibp": 0} if crown_ibp else {"ibp": 0}
+    for start in range(0, count, batch_size):
+        x, y = collate(dataset, torch.arange(start, min(start + batch_size, count)), device)
+        bounds = interval_margins(model, x, y, eps, crown_ibp=crown_ibp)
+        for name, margins in (("ibp", bounds.ibp), ("crown-ibp", bounds.crown_ibp)):
+            if name in certified:
+                certified[name] += (margins.scatter(1, y[:, None], float("inf")).min(1).values > 0).sum().item()
+    model.train(was_training)
+    return {name: value / max(count, 1) for name, value in certified.items()}
 
 
 @torch.no_grad()
@@ -205,13 +384,16 @@ def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int 
 
 def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Train into ``out`` (checkpoint.pt each epoch, history.csv, model.pt at the end); returns the
-    summary also written to ``summary.json``."""
+    summary also written to ``summary.json``. Raises TrainingDivergedError (the last completed epoch's
+    checkpoint kept) when a batch loss is non-finite or above ``max_loss``."""
+    config = config.validate().resolved()
     out, splits = start_run(config, out, resume=resume, force=force)
     network = network_config(config, splits.info)
     trainer = Trainer(config, network)
     train_set = ConcatDataset([splits.train, splits.val])
     count = min(len(train_set), config.train_limit or len(train_set))
     steps_per_epoch = math.ceil(count / config.batch_size)
+    check_verified = config.certified and parse_norm(config.norm) == math.inf
 
     def epoch_fn(epoch: int, progress) -> Dict[str, float]:
         if hasattr(trainer.model, "drop_path_prob"):
@@ -221,7 +403,14 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         for index, batch in enumerate(order):
             plan = schedule(config, epoch * steps_per_epoch + index, steps_per_epoch)
             x, y = collate(train_set, batch, trainer.device)
-            row = trainer.step(x, y, plan)
+            try:
+                row = trainer.step(x, y, plan)
+            except TrainingDivergedError as error:
+                kept = (f"the checkpoint of epoch {epoch} is kept in {out / 'checkpoint.pt'}" if epoch > 0
+                        else "no epoch completed, so there is no checkpoint")
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch + 1}, batch {index + 1}: {error}; {kept}. Try a smaller --lr, "
+                    f"more --ramp-epochs, a smaller network or --eps (--max-loss 0 continues regardless)") from None
             for key, value in row.items():
                 sums[key] = sums.get(key, 0.0) + value
             progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.2f}", eps=f"{plan['eps']:.3g}")
@@ -231,6 +420,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         means["eps"] = round(plan["eps"], 6)
         means["lr"] = trainer.optimizer.param_groups[0]["lr"]
         means["test_acc"] = round(accuracy(trainer.model, splits.test, trainer.device, config.eval_limit), 6)
+        if check_verified:
+            means["test_ibp_verified"] = round(verified_accuracy(trainer.model, splits.test, trainer.device, config.eps,
+                                                                 config.eval_limit, crown_ibp=False)["ibp"], 6)
         return means
 
     state = {"model": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
@@ -243,7 +435,26 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
                "test_samples": min(len(splits.test), config.eval_limit or len(splits.test)),
                "epochs_completed": len(history), "train_seconds": round(sum(r["seconds"] for r in history), 2),
                "parameters": sum(p.numel() for p in trainer.model.parameters())}
+    if check_verified:
+        verified = verified_accuracy(trainer.model, splits.test, trainer.device, config.eps, config.eval_limit)
+        summary.update({f"test_{name}_verified": value for name, value in verified.items()})
+        summary["verified_eps"] = config.eps
+    summary["warnings"] = training_warnings(config, history)
+    for warning in summary["warnings"]:
+        logger.warning(warning)
     save_model(trainer.model, out / "model.pt", network=network.to_dict(), dataset=asdict(splits.info),
                training=asdict(config), summary=summary, versions=environment())
     atomic_write_json(out / "summary.json", {**summary, "settings": asdict(config), "network": network.to_dict()})
     return summary
+
+
+def training_warnings(config: TrainConfig, history) -> list:
+    """What a researcher must not miss in a finished run: certified training that certifies nothing."""
+    warnings = []
+    ramp_end = config.warmup_epochs + config.ramp_epochs
+    after = [row for row in history if row["epoch"] > ramp_end]
+    if config.certified and after and all(row.get("train_verified", 0) == 0 for row in after):
+        warnings.append(f"verified accuracy on the training batches stayed 0 after the eps ramp (epochs "
+                        f"{ramp_end + 1}-{history[-1]['epoch']}): the certified bounds are vacuous; try a smaller network, "
+                        f"a longer ramp or a smaller --eps")
+    return warnings

@@ -40,7 +40,7 @@ class VerifyConfig:
     batch_size: int = 64
     milp_time_limit: float = 60.0
     milp_max_relus: int = 2000
-    crown_max_relus: int = 4000
+    crown_max_relus: int = 250000
     data: Optional[str] = None
     data_root: Optional[str] = None
     seed: int = 0

@@ -75,7 +75,21 @@ class AuxiliaryHead(nn.Module):
         return self.classifier(self.features(x))
 
 
-STEMS = ("cifar", "imagenet")
+STEMS = ("cifar", "strided", "imagenet")
+
+
+def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
+    """None if every reduction cell of this network gets even-sized maps (stride-2 pooling needs
+    them), else which cell does not and at what size."""
+    size = image_size
+    for _ in range({"cifar": 0, "strided": 1, "imagenet": 3}.get(stem, 0)):
+        size = (size + 1) // 2
+    for i in range(layers):
+        if layers >= 3 and i in (layers // 3, 2 * layers // 3):
+            if size % 2:
+                return f"cell {i} (a reduction cell) would get {size}x{size} maps"
+            size //= 2
+    return None
 
 
 def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
@@ -89,8 +103,10 @@ def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
 
 class DartsNetwork(nn.Module):
     """Stem, ``layers`` cells from ``genotype`` (reductions at 1/3 and 2/3 of the depth), global
-    average pooling, linear. ``stem``: ``cifar`` (one 3x3 convolution, full resolution) or
-    ``imagenet`` (:func:`imagenet_stems`, for large images). ``drop_path_prob`` (set by the trainer) and the auxiliary head are used
+    average pooling, linear. ``stem``: ``cifar`` (one 3x3 convolution, full resolution),
+    ``strided`` (the same convolution with stride 2: the cells see half the resolution, a quarter of
+    the cost; 28x28 digits enter them at 14x14) or ``imagenet`` (:func:`imagenet_stems`, for large
+    images). ``drop_path_prob`` (set by the trainer) and the auxiliary head are used
     in training mode only; ``forward`` always returns the main logits."""
 
     def __init__(self, genotype: Genotype, C: int, num_classes: int, layers: int, in_channels: int,
@@ -101,9 +117,10 @@ class DartsNetwork(nn.Module):
             raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
         self.drop_path_prob = 0.0
         self.normalize = Normalize(mean, std, in_channels)
-        if stem == "cifar":
+        if stem in ("cifar", "strided"):
             C_stem = stem_multiplier * C
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_stem, 3, stride=2 if stem == "strided" else 1, padding=1,
+                                                bias=False), nn.BatchNorm2d(C_stem))
             self.stem1 = None
         else:
             C_stem = C

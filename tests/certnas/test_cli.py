@@ -27,6 +27,22 @@ def test_every_option_has_help_text(command):
             assert param.help, f"{command.name} {param.opts} has no help"
 
 
+def test_train_option_defaults_are_the_training_config_defaults():
+    """The command line and the library default to the same recipe (options are written out in cli.py)."""
+    import dataclasses
+    from certnas.train import TrainConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for param in main.commands["train"].params:
+        if isinstance(param, click.Option) and param.name in defaults and param.name not in ("hidden", "data_root"):
+            value = param.default
+            if isinstance(param.type, click.ParamType) and isinstance(value, str) and param.name.startswith("eps"):
+                value = param.type.convert(value, param, None)
+            assert value == defaults[param.name], f"--{param.name}: cli {value!r}, TrainConfig {defaults[param.name]!r}"
+            checked += 1
+    assert checked >= 20
+
+
 @pytest.mark.parametrize("args,message", [
     (["--eps", "2/0"], "division by zero"), (["--eps", "abc"], "not a number"), (["--eps", "-1"], ">= 0"),
     (["--metric", "fgsm"], "Invalid value for '--metric'"), (["--device", "cuda:7"], "--device"),
@@ -106,7 +122,8 @@ def test_train_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
 
 def test_verify_command_writes_rows_and_summary(cli_model, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(cli_model), "--n", "20", "--eps", "0.02", "--radius",
-                                       "--radius-steps", "6", "--milp-time-limit", "20", "--out", str(tmp_path)])
+                                       "--radius-steps", "6", "--milp-time-limit", "20", "--crown-max-relus", "1000",
+                                       "--out", str(tmp_path)])  # (CROWN on DARTS: test_verify_run)
     assert result.exit_code == 0, result.output
     assert "cascade" in result.output and "radius milp" in result.output
     summary = json.loads((tmp_path / "verify.json").read_text())

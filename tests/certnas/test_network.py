@@ -112,3 +112,40 @@ def test_imagenet_stem_shrinks_maps_8x_round_trips_and_is_bounded_soundly():
         assert max_violation(net, x, eps, math.inf, lower, upper, samples=8, pgd_steps=5) <= 1e-5, method
     with pytest.raises(ValueError, match="unknown stem"):
         build_network(NetworkConfig(**{**config.to_dict(), "stem": "resnet"}))
+
+
+def test_odd_reduction_names_the_cell_that_would_get_odd_maps():
+    from certnas.space.network import odd_reduction
+    assert odd_reduction(28, 2, "strided") is None and odd_reduction(28, 3, "cifar") is None
+    assert odd_reduction(28, 3, "strided") == "cell 2 (a reduction cell) would get 7x7 maps"
+    assert odd_reduction(64, 8, "imagenet") is None and odd_reduction(24, 8, "imagenet") is not None
+    for size, layers, stem in ((28, 3, "cifar"), (28, 2, "strided"), (64, 5, "imagenet"), (28, 4, "strided")):
+        config = NetworkConfig("darts", 1, size, 10, (0.5,), (0.5,), genotype=NAMED["DARTS_V2"].to_dict(),
+                               layers=layers, init_channels=4, stem=stem)
+        net = build_network(config).eval()
+        x = torch.rand(1, 1, size, size)
+        if odd_reduction(size, layers, stem) is None:
+            assert net(x).shape == (1, 10)
+        else:
+            with pytest.raises(ValueError, match="even height and width"):
+                net(x)
+
+
+def test_strided_stem_halves_the_cells_resolution_keeps_the_parameters_and_is_bounded_soundly():
+    from verifiers.interval import interval_logit_bounds
+    config = NetworkConfig("darts", 1, 28, 10, (0.13,), (0.31,), genotype=NAMED["PC_DARTS"].to_dict(), layers=2,
+                           init_channels=4, stem="strided")
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert net(x).shape == (2, 10) and net.stem(net.normalize(x)).shape[-2:] == (14, 14)
+    cifar = build_network(NetworkConfig(**{**config.to_dict(), "stem": "cifar"}))
+    assert [p.shape for p in cifar.parameters()] == [p.shape for p in net.parameters()]  # only the stride differs
+    assert cifar.stem(cifar.normalize(x)).shape[-2:] == (28, 28)
+    eps = torch.full((2,), 0.01)
+    for method in ("ibp", "crown-ibp"):
+        lower, upper = compute_bounds(net, x, eps, norm="inf", method=method)
+        assert max_violation(net, x, eps, math.inf, lower, upper, samples=8, pgd_steps=5) <= 1e-5, method
+        mine = interval_logit_bounds(net, x, eps, crown_ibp=method == "crown-ibp")
+        assert torch.allclose(mine[0], lower, atol=1e-4) and torch.allclose(mine[1], upper, atol=1e-4)

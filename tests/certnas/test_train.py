@@ -15,8 +15,8 @@ from certnas.train import TrainConfig, schedule, train
 from tests.certnas.test_search import TINY as TINY_SEARCH
 from verifiers.bounds import margin_lower_bound
 
-TINY = TrainConfig(layers=3, init_channels=4, batch_size=16, train_limit=32, eval_limit=40, epochs=2,
-                   warmup_epochs=0, ramp_epochs=1, eps=0.05, genotype="DARTS_V2")
+TINY = TrainConfig(layers=3, stem="cifar", init_channels=4, batch_size=16, train_limit=32, eval_limit=40, epochs=2,
+                   warmup_epochs=0, ramp_epochs=1, eps=0.05, genotype="DARTS_V2", max_loss=0)
 
 
 @pytest.mark.parametrize("mode", ["standard", "pgd", "ibp", "crown-ibp"])
@@ -81,6 +81,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, mon
 @pytest.mark.parametrize("change,error,message", [
     ({"mode": "trades"}, ConfigError, "unknown mode"), ({"mode": "ibp", "drop_path": 0.2}, ConfigError, "drop-path"),
     ({"genotype": "NOPE"}, GenotypeError, "neither a file"), ({"network": "mlp", "hidden": ()}, ConfigError, "hidden"),
+    ({"network": "darts", "layers": 3, "stem": "strided"}, ConfigError, "cell 2 .* 7x7 maps"),
 ])
 def test_invalid_training_settings_are_refused(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
@@ -113,3 +114,69 @@ def test_topk_accuracies_match_a_direct_count_in_one_pass():
     result = topk_accuracies(model, TensorDataset(x, y), "cpu", batch_size=10, ks=(1, 3, 5))
     assert result == pytest.approx({k: (ranks < k).float().mean().item() for k in (1, 3, 5)})
     assert accuracy(model, TensorDataset(x, y), "cpu") == result[1]
+
+
+def test_smooth_and_log_ramps_start_slowly_rise_monotonically_and_reach_the_training_eps():
+    from certnas.train import smooth_ramp
+    shares = [smooth_ramp(p / 100) for p in range(101)]
+    assert shares[0] == 0 and shares[-1] == pytest.approx(1.0) and shares == sorted(shares)
+    assert max(b - a for a, b in zip(shares, shares[1:])) < 0.02  # no jump at the knee
+    assert smooth_ramp(0.25) < 0.1  # a quarter of the ramp reaches less than a tenth of eps
+    config = TrainConfig(mode="ibp", eps=0.1, eps_train=0.2, warmup_epochs=1, ramp_epochs=2, eps_schedule="log",
+                         eps_start=1e-5)
+    eps = [schedule(config, step, 10)["eps"] for step in range(40)]
+    assert eps[:10] == [0.0] * 10 and eps[10] > 1e-5 and eps[29:] == [pytest.approx(0.2)] * 11
+    ratios = [b / a for a, b in zip(eps[10:29], eps[11:30])]
+    assert max(ratios) == pytest.approx(min(ratios))  # equal steps in log space
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    from certnas.train import TrainingDivergedError
+    config = replace(TINY, mode="ibp", epochs=3, warmup_epochs=1, ramp_epochs=1, eps=0.3, max_loss=50)
+    with pytest.raises(TrainingDivergedError, match=r"diverged in epoch 2, batch 1: loss .* at eps .*checkpoint of epoch 1 is kept"):
+        train(config, tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run" / "model.pt").exists()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]
+    from click.testing import CliRunner
+    from certnas.cli import main
+    result = CliRunner().invoke(main, ["-q", "train", "--mode", "ibp", "--layers", "3", "--stem", "cifar", "--init-channels", "4",
+                                       "--epochs", "2", "--warmup-epochs", "0", "--ramp-epochs", "0", "--eps", "0.3",
+                                       "--train-limit", "32", "--batch-size", "16", "--max-loss", "1e-3",
+                                       "--out", str(tmp_path / "cli")])
+    assert result.exit_code != 0 and result.output.count("\n") == 1 and "diverged in epoch 1" in result.output
+    assert "no epoch completed" in result.output
+
+
+def test_a_non_finite_loss_is_caught_whatever_max_loss_says(tmp_path, monkeypatch):
+    from certnas.train import TrainingDivergedError
+    original = train_module.Trainer.loss
+
+    def poisoned(self, x, y, plan):
+        loss, details = original(self, x, y, plan)
+        return loss * float("nan"), {**details, "train_loss": float("nan")}
+
+    monkeypatch.setattr(train_module.Trainer, "loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="loss nan"):
+        train(replace(TINY, max_loss=0), tmp_path / "run", quiet=True)
+
+
+def test_a_short_certified_run_lowers_its_robust_loss(tmp_path):
+    # (with no ramp at all, eps 0.05 from the first step collapsed this MLP to a constant classifier under
+    # every optimiser tried: the ramp is part of the recipe)
+    config = TrainConfig(network="mlp", hidden=(64,), mode="ibp", eps=0.05, epochs=6, warmup_epochs=0,
+                         ramp_epochs=2, train_limit=1000, eval_limit=200, reg_weight=0.0)
+    summary = train(config, tmp_path / "run", quiet=True)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    full = [float(r["robust_loss"]) for r in rows if float(r["eps"]) == pytest.approx(0.05)]
+    assert len(full) == 5 and full[-1] < full[0] * 0.8, full  # lower at the same eps
+    assert summary["test_ibp_verified"] > 0 and summary["test_crown-ibp_verified"] >= summary["test_ibp_verified"] - 0.05
+    assert summary["warnings"] == []
+
+
+def test_a_run_that_certifies_nothing_says_so_in_its_summary(tmp_path):
+    config = replace(TINY, mode="ibp", eps=1.0, epochs=2, warmup_epochs=0, ramp_epochs=1, max_loss=0)
+    summary = train(config, tmp_path / "run", quiet=True)
+    assert summary["test_ibp_verified"] == 0
+    assert any("stayed 0 after the eps ramp" in w for w in summary["warnings"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]

@@ -1,4 +1,5 @@
 """certnas verify on trained model files: certified <= PGD <= clean; files; the DARTS network skips CROWN."""
+import csv
 import json
 
 import pytest
@@ -13,7 +14,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     train(TrainConfig(network="mlp", hidden=(24,), mode="ibp", eps=0.05, epochs=2, warmup_epochs=0, ramp_epochs=1,
                       train_limit=1000, eval_limit=100, lr=0.05), root / "mlp", quiet=True)
-    train(TrainConfig(layers=3, init_channels=4, mode="ibp", eps=0.02, epochs=1, warmup_epochs=0, ramp_epochs=1,
+    train(TrainConfig(layers=2, init_channels=4, mode="ibp", eps=0.02, epochs=1, warmup_epochs=0, ramp_epochs=1,
                       train_limit=64, batch_size=32, eval_limit=50), root / "darts", quiet=True)
     return {"mlp": root / "mlp" / "model.pt", "darts": root / "darts" / "model.pt"}
 
@@ -41,9 +42,21 @@ def test_radius_rows_and_the_attack_radius_bound_them(models, tmp_path):
 
 
 def test_darts_network_is_verified_by_ibp_and_crown_ibp_and_crown_is_refused_or_skipped(models, tmp_path):
-    summary = run_verify(VerifyConfig(methods=("all",), eps=0.005, n=10), models["darts"], tmp_path, quiet=True)
+    summary = run_verify(VerifyConfig(methods=("all",), eps=0.005, n=10, crown_max_relus=1000), models["darts"],
+                         tmp_path, quiet=True)
     assert set(summary["skipped"]) == {"crown", "alpha-crown", "milp"}
     with pytest.raises(UnsupportedModelError, match="crown-max-relus"):
-        run_verify(VerifyConfig(methods=("crown",), eps=0.005, n=4), models["darts"], tmp_path, quiet=True)
+        run_verify(VerifyConfig(methods=("crown",), eps=0.005, n=4, crown_max_relus=1000), models["darts"], tmp_path,
+                   quiet=True)
+
+
+def test_crown_verifies_the_darts_network_at_the_default_limit_and_is_at_least_as_tight_as_crown_ibp(models, tmp_path):
+    summary = run_verify(VerifyConfig(methods=("crown-ibp", "crown"), eps=0.005, n=4), models["darts"],
+                         tmp_path / "crown", quiet=True)
+    rows = list(csv.DictReader((tmp_path / "crown" / "verify.csv").open()))
+    bound = {(row["index"], row["method"]): float(row["margin_bound"]) for row in rows}
+    assert {method for _, method in bound} == {"crown-ibp", "crown"} and not summary["skipped"]
+    for index in {index for index, _ in bound}:
+        assert bound[(index, "crown")] >= bound[(index, "crown-ibp")] - 1e-4
     with pytest.raises(UnsupportedModelError, match="MILP supports"):
         run_verify(VerifyConfig(methods=("milp",), eps=0.005, n=4), models["darts"], tmp_path, quiet=True)
