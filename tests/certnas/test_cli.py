@@ -121,7 +121,7 @@ def test_train_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
 
 
 def test_verify_command_writes_rows_and_summary(cli_model, tmp_path):
-    result = CliRunner().invoke(main, ["verify", str(cli_model), "--n", "20", "--eps", "0.02", "--radius",
+    result = CliRunner().invoke(main, ["verify", str(cli_model), "--n", "8", "--eps", "0.02", "--radius",
                                        "--radius-steps", "6", "--milp-time-limit", "20", "--crown-max-relus", "1000",
                                        "--out", str(tmp_path)])  # (CROWN on DARTS: test_verify_run)
     assert result.exit_code == 0, result.output
