@@ -78,6 +78,11 @@ class AuxiliaryHead(nn.Module):
 STEMS = ("cifar", "strided", "imagenet")
 
 
+def is_reduction(i: int, layers: int) -> bool:
+    """Whether cell ``i`` of ``layers`` is a reduction cell (DARTS: at 1/3 and 2/3 of the depth)."""
+    return layers >= 3 and i in (layers // 3, 2 * layers // 3)
+
+
 def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
     """None if every reduction cell of this network gets even-sized maps (stride-2 pooling needs
     them), else which cell does not and at what size."""
@@ -85,7 +90,7 @@ def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
     for _ in range({"cifar": 0, "strided": 1, "imagenet": 3}.get(stem, 0)):
         size = (size + 1) // 2
     for i in range(layers):
-        if layers >= 3 and i in (layers // 3, 2 * layers // 3):
+        if is_reduction(i, layers):
             if size % 2:
                 return f"cell {i} (a reduction cell) would get {size}x{size} maps"
             size //= 2
@@ -131,7 +136,7 @@ class DartsNetwork(nn.Module):
         self.auxiliary_head = None
         reduction_prev = stem == "imagenet"
         for i in range(layers):
-            reduction = layers >= 3 and i in (layers // 3, 2 * layers // 3)
+            reduction = is_reduction(i, layers)
             if reduction:
                 C_curr *= 2
             cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, affine)

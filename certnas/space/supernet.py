@@ -10,6 +10,7 @@ from typing import Iterator, List, Sequence
 import torch
 import torch.nn as nn
 
+from certnas.space.network import is_reduction
 from certnas.space.ops import (OPS, PRIMITIVES, ChannelMap, FactorizedReduce, GlobalAvgPool, MaxPool2x2,
                                Normalize, ReLUConvBN)
 
@@ -138,7 +139,7 @@ class SearchNetwork(nn.Module):
         self.cells = nn.ModuleList()
         reduction_prev = False
         for i in range(layers):
-            reduction = layers >= 3 and i in (layers // 3, 2 * layers // 3)
+            reduction = is_reduction(i, layers)
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, primitives,
