@@ -4,7 +4,8 @@ radius bisection as a speed-up over a per-sample bisection loop, measured in the
     python -m benchmarks.bench_verify [--device cuda] [--n 32]
 
 Reference models (untrained weights; speed does not depend on them): the default DARTS network of
-``certnas train`` (PC_DARTS cell, 4 cells, 8 channels, 28x28) for ibp / crown-ibp, and a 784-128-128-10
+``certnas train`` (PC_DARTS cell; cells and channels from ``TrainConfig``, ``--layers`` /
+``--init-channels``; 28x28) for ibp / crown-ibp, and a 784-128-128-10
 MLP for crown / alpha-crown / milp. Target (issue 5): batched bisection >= 5x the per-sample loop.
 """
 from __future__ import annotations
