@@ -1,7 +1,7 @@
 # The two entry points of the README. Both create or reuse .venv and install what is missing.
 PY := .venv/bin/python
 
-.PHONY: setup search test test-fast bench
+.PHONY: setup search test test-all bench
 
 setup:
 	@bash scripts/setup.sh
@@ -9,11 +9,13 @@ setup:
 search: setup
 	$(PY) -m certnas.cli search --metric clb --out runs/search-clb --force
 
+# the default suite (under 15 minutes on 2 cores): everything but the tests marked slow
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 -m "not slow" tests
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+# what CI runs: every test, the slow ones included
+test-all: setup
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: setup
 	$(PY) -m benchmarks.bench_bounds

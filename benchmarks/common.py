@@ -2,9 +2,12 @@
 atomic JSON come from certnas.runs)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -58,3 +61,22 @@ def print_table(rows: List[dict], columns: List[Tuple[str, str, str]]) -> None:
             text = "" if value is None else format(value, fmt)
             cells.append(f"{text:>{w}}" if i else f"{text:<16}")
         print("  ".join(cells))
+
+
+def config_hash(*parts: Any) -> str:
+    """12 hex digits naming a configuration (the key of a cached stage)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cached_stage(cache: Path, stage: str, key: str, marker: str, run: Callable[[Path, bool], Any]) -> Path:
+    """``cache/<stage>-<key>``, computed by ``run(folder, resume)`` unless ``marker`` is already there
+    (a folder with a checkpoint but no marker resumes); ``stage.json`` records the seconds it took."""
+    folder = Path(cache) / f"{stage}-{key}"
+    if (folder / marker).is_file():
+        return folder
+    began = time.time()
+    resume = (folder / "checkpoint.pt").is_file()
+    run(folder, resume)
+    write_json(folder / "stage.json", {"stage": stage, "seconds": round(time.time() - began, 2), "resumed": resume})
+    return folder

@@ -15,15 +15,14 @@ row, seed and dataset) and ``run.json`` (command, git commit, versions) go to ``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from benchmarks.common import cached_stage, config_hash
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.runs import atomic_write_json, atomic_write_text, environment
 from certnas.search import SearchConfig, search
@@ -79,11 +78,15 @@ class Scale:
     imagenet: Dict[str, Any] = field(default_factory=lambda: {"image_size": 32, "eps": 1 / 255, "train": {}})
 
 
+# The paper's protocol: the supernet's weights get standard training, DARTS' architecture learning rate
+# and the paper's gamma (certnas search's defaults differ since the claim experiment, benchmarks/claim.py).
+PAPER_PROTOCOL = {"stem": "cifar", "weight_mode": "standard", "a_lr": 3e-4, "gamma": 0.01}
+
 SCALES = {
     # About 4 minutes per row and seed on a 2-core CPU: 7 rows x 3 seeds on embedded MNIST.
     "cpu": Scale("cpu",
                  search={"layers": 3, "init_channels": 4, "epochs": 2, "train_limit": 256, "val_limit": 256,
-                         "batch_size": 32, "metric_samples": 8},
+                         "batch_size": 32, "metric_samples": 8, **PAPER_PROTOCOL},
                  train={"layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000,
                         "stem": "cifar"},
                  attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
@@ -95,7 +98,7 @@ SCALES = {
     # For the end-to-end test only: seconds.
     "tiny": Scale("tiny",
                   search={"layers": 3, "init_channels": 4, "steps": 2, "multiplier": 2, "epochs": 1, "train_limit": 16,
-                          "val_limit": 16, "batch_size": 8, "metric_samples": 4, "bound": "ibp"},
+                          "val_limit": 16, "batch_size": 8, "metric_samples": 4, "bound": "ibp", **PAPER_PROTOCOL},
                   train={"layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50,
                          "stem": "cifar"},
                   attack_n=10, attack_steps=3, autoattack_version="fast", verify_n=8, radius_steps=3, verify_pgd_steps=2,
@@ -105,7 +108,7 @@ SCALES = {
     # The paper's settings (a GPU run): search 8 cells / 16 channels / 50 epochs, final 20 / 36 / 600.
     "paper": Scale("paper",
                    search={"layers": 8, "init_channels": 16, "epochs": 50, "train_limit": 0, "val_limit": 0,
-                           "batch_size": 64, "metric_samples": 16},
+                           "batch_size": 64, "metric_samples": 16, **PAPER_PROTOCOL},
                    train={"layers": 20, "init_channels": 36, "epochs": 600, "batch_size": 96, "auxiliary": True,
                           "drop_path": 0.2, "eval_limit": 0, "stem": "cifar"},
                    attack_n=1000, attack_steps=100, autoattack_version="standard", verify_n=1000, radius_steps=15,
@@ -121,11 +124,6 @@ SCALES = {
 
 
 PAPER_CROWN_MAX_RELUS = 4000
-
-
-def config_hash(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class Pipeline:
@@ -149,15 +147,7 @@ class Pipeline:
         return None
 
     def _stage(self, stage: str, key: str, marker: str, run) -> Path:
-        folder = self.cache / f"{stage}-{key}"
-        if (folder / marker).is_file():
-            return folder
-        began = time.time()
-        resume = (folder / "checkpoint.pt").is_file()
-        run(folder, resume)
-        atomic_write_json(folder / "stage.json", {"stage": stage, "seconds": round(time.time() - began, 2),
-                                                  "resumed": resume})
-        return folder
+        return cached_stage(self.cache, stage, key, marker, run)
 
     def search(self, row: str, dataset: str, seed: int) -> Path:
         config = SearchConfig(**{**self.scale.search, **ROWS[row]}, data=self._data(dataset), seed=seed,

@@ -11,6 +11,16 @@ import click
 from certnas import __version__
 
 DATASETS = ("mnist-embedded", "mnist", "cifar10", "imagenet")
+WEIGHT_MODES = ("auto", "standard", "ibp", "crown-ibp")
+
+
+def _search_defaults():
+    """SearchConfig's defaults, the one place they are declared (imported here for --help)."""
+    from certnas.search import SearchConfig
+    return SearchConfig()
+
+
+_SEARCH = _search_defaults()
 
 
 class EpsType(click.ParamType):
@@ -139,23 +149,41 @@ def main(ctx, verbose, quiet):
 @common_options()
 @click.option("--metric", type=click.Choice(["none", "clb", "jacobian", "combined", "sdarts-adv", "pgd"]), default="clb",
               show_default=True, help="Robustness term R: none (DARTS), clb, jacobian, combined; or a baseline.")
-@click.option("--gamma", type=float, default=0.01, show_default=True, help="Weight of R in L_val - gamma * R.")
-@click.option("--bound", type=click.Choice(["ibp", "crown-ibp", "crown"]), default="crown-ibp", show_default=True,
+@click.option("--gamma", type=float, default=_SEARCH.gamma, show_default=True, help="Weight of R in L_val - gamma * R.")
+@click.option("--bound", type=click.Choice(["ibp", "crown-ibp", "crown"]), default=_SEARCH.bound, show_default=True,
               help="Bound method of the clb metric.")
 @click.option("--clb-form", type=click.Choice(["margin", "radius"]), default="margin", show_default=True,
               help="clb as the mean certified margin at eps, or the mean certified radius (implicit gradient).")
 @click.option("--clb-scale", type=click.Choice(["log", "linear"]), default="log", show_default=True,
               help="R from margin bounds m: log = sign(m) log(1+|m|) (default), linear = the paper's mean m.")
-@click.option("--metric-samples", type=int, default=8, show_default=True,
+@click.option("--metric-samples", type=int, default=_SEARCH.metric_samples, show_default=True,
               help="Samples of each validation batch R is computed on (0: the whole batch).")
 @click.option("--jacobian-projections", type=int, default=0, show_default=True,
               help="0: exact Jacobian term (K backward passes); M: estimate from M random classes.")
-@click.option("--layers", type=int, default=3, show_default=True, help="Cells in the supernet (paper: 8).")
-@click.option("--init-channels", type=int, default=4, show_default=True, help="Initial channels (paper: 16).")
-@click.option("--epochs", type=int, default=4, show_default=True, help="Search epochs (paper: 50).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size.")
-@click.option("--train-limit", type=int, default=640, show_default=True, help="Training samples per epoch (0: all).")
-@click.option("--val-limit", type=int, default=640, show_default=True, help="Validation samples per epoch (0: all).")
+@click.option("--weight-mode", type=click.Choice(WEIGHT_MODES), default=_SEARCH.weight_mode, show_default=True,
+              help="How the weight step trains the supernet: standard (DARTS), ibp or crown-ibp (certified training, "
+                   "eps ramped to --weight-eps); auto: ibp for --metric clb / combined, standard otherwise.")
+@click.option("--weight-eps", type=EPS, default=None, help="Target eps of certified weight steps (default: --eps).")
+@click.option("--warmup-epochs", type=int, default=_SEARCH.warmup_epochs, show_default=True,
+              help="Clean epochs before certified weight steps start.")
+@click.option("--ramp-epochs", type=int, default=None, help="Epochs over which the weight eps grows (default: half).")
+@click.option("--a-lr", type=float, default=_SEARCH.a_lr, show_default=True, help="Adam learning rate of the architecture weights.")
+@click.option("--arch-start-epoch", type=int, default=_SEARCH.arch_start_epoch, show_default=True,
+              help="Epoch (0-based) of the first architecture step.")
+@click.option("--metric-follows-ramp/--metric-at-eps", default=_SEARCH.metric_follows_ramp, show_default=True,
+              help="With certified weight steps, measure R at their current eps (0 in the warm-up, then the ramp's) "
+                   "or always at --eps.")
+@click.option("--w-lr", type=float, default=None,
+              help="Learning rate of the weights (default: Adam 3e-3 certified, SGD 0.025 standard).")
+@click.option("--stem", type=click.Choice(["cifar", "strided"]), default=_SEARCH.stem, show_default=True,
+              help="Supernet stem: cifar (stride 1, as DARTS) or strided (stride 2, a quarter of the cost).")
+@click.option("--layers", type=int, default=_SEARCH.layers, show_default=True,
+              help="Cells in the supernet (paper: 8; fewer than 3 has no reduction cell).")
+@click.option("--init-channels", type=int, default=_SEARCH.init_channels, show_default=True, help="Initial channels (paper: 16).")
+@click.option("--epochs", type=int, default=_SEARCH.epochs, show_default=True, help="Search epochs (paper: 50).")
+@click.option("--batch-size", type=int, default=_SEARCH.batch_size, show_default=True, help="Batch size.")
+@click.option("--train-limit", type=int, default=_SEARCH.train_limit, show_default=True, help="Training samples per epoch (0: all).")
+@click.option("--val-limit", type=int, default=_SEARCH.val_limit, show_default=True, help="Validation samples per epoch (0: all).")
 @click.option("--partial-channels", type=int, default=1, show_default=True, help="PC-DARTS channel fraction 1/K (1: off).")
 @click.option("--edge-normalization/--no-edge-normalization", default=False, show_default=True,
               help="PC-DARTS edge normalisation.")
@@ -168,7 +196,8 @@ def main(ctx, verbose, quiet):
 @click.pass_context
 @_fail_cleanly
 def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, gamma, bound, clb_form,
-           clb_scale, metric_samples, jacobian_projections, layers, init_channels, epochs, batch_size, train_limit, val_limit,
+           clb_scale, metric_samples, jacobian_projections, weight_mode, weight_eps, warmup_epochs, ramp_epochs, a_lr,
+           arch_start_epoch, metric_follows_ramp, w_lr, stem, layers, init_channels, epochs, batch_size, train_limit, val_limit,
            partial_channels, edge_normalization, order, out, resume, force):
     """Differentiable architecture search maximising certified robustness."""
     from certnas.search import SearchConfig, search as run_search
@@ -176,7 +205,11 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
     config = SearchConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
                           metric=metric, gamma=gamma, bound=bound, eps=eps, norm=norm, clb_form=clb_form,
                           clb_scale=clb_scale, metric_samples=metric_samples,
-                          jacobian_projections=jacobian_projections, layers=layers, init_channels=init_channels,
+                          jacobian_projections=jacobian_projections, weight_mode=weight_mode, weight_eps=weight_eps,
+                          warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, a_lr=a_lr, arch_start_epoch=arch_start_epoch,
+                          metric_follows_ramp=metric_follows_ramp,
+                          w_lr=w_lr, stem=stem,
+                          layers=layers, init_channels=init_channels,
                           epochs=epochs, batch_size=batch_size, train_limit=train_limit, val_limit=val_limit,
                           partial_channels=partial_channels, edge_normalization=edge_normalization,
                           order=int(order), seed=seed, device=device)

@@ -264,6 +264,51 @@ def warmup_regulariser(bounds, tolerance: float, form: str = "log") -> Tuple[tor
                              "reg_balance": float(torch.as_tensor(balance).detach())}
 
 
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float],
+                  config: TrainConfig) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The loss of ``config.mode`` on one batch at the schedule's ``plan`` (:func:`schedule`), with the
+    values ``history.csv`` records. Shared by final training and the weight step of the search."""
+    forward = getattr(model, "forward_with_aux", None)
+
+    def natural(logits, aux):
+        loss = F.cross_entropy(logits, y)
+        if aux is not None:
+            loss = loss + config.auxiliary_weight * F.cross_entropy(aux, y)
+        return loss
+
+    if config.mode == "pgd" and plan["eps"] > 0:
+        x = PGD(model, plan["eps"], config.norm, steps=config.pgd_steps)(x, y)
+    if not (config.certified and plan["eps"] > 0):
+        logits, aux = forward(x) if forward is not None else (model(x), None)
+        loss = natural(logits, aux)
+        return loss, {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()}
+    details: Dict[str, float] = {}
+    regulariser = None
+    if parse_norm(config.norm) == math.inf:
+        from verifiers.interval import interval_margins
+        use_crown = config.mode == "crown-ibp" and plan["beta"] > 0
+        bounds = interval_margins(model, x, y, plan["eps"], crown_ibp=use_crown, crown_rows=config.crown_rows,
+                                  forward=forward)
+        logits, aux = bounds.logits, bounds.auxiliary
+        margins = bounds.ibp if not use_crown else plan["beta"] * bounds.crown_ibp + (1 - plan["beta"]) * bounds.ibp
+        strength = config.reg_weight * (1 - plan["progress"])
+        if strength > 0:
+            regulariser, reg_details = warmup_regulariser(bounds, config.reg_tolerance, config.reg_form)
+            regulariser = strength * regulariser
+            details.update(reg_details)
+    else:  # L2: auto_LiRPA (its Lp-ball input nodes)
+        logits, aux = forward(x) if forward is not None else (model(x), None)
+        margins = certified_margins(model, x, y, plan["eps"], config.norm, config.mode, plan["beta"])
+    robust = F.cross_entropy(-margins, y)
+    loss = plan["kappa"] * natural(logits, aux) + (1 - plan["kappa"]) * robust
+    if regulariser is not None:
+        loss = loss + regulariser
+    others = margins.scatter(1, y[:, None], float("inf"))
+    details.update({"robust_loss": robust.item(), "train_verified": (others.min(1).values > 0).float().mean().item(),
+                    "train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()})
+    return loss, details
+
+
 class Trainer:
     """The network, optimiser and the loss of one training mode (``auto`` settings resolved here)."""
 
@@ -280,51 +325,8 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs, eta_min=config.lr_min)
 
-    def _forward(self, x):
-        if hasattr(self.model, "forward_with_aux"):
-            return self.model.forward_with_aux(x)
-        return self.model(x), None
-
-    def _natural_loss(self, logits, aux, y) -> torch.Tensor:
-        loss = F.cross_entropy(logits, y)
-        if aux is not None:
-            loss = loss + self.config.auxiliary_weight * F.cross_entropy(aux, y)
-        return loss
-
     def loss(self, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        config = self.config
-        if config.mode == "pgd" and plan["eps"] > 0:
-            x = PGD(self.model, plan["eps"], config.norm, steps=config.pgd_steps)(x, y)
-        if not (config.certified and plan["eps"] > 0):
-            logits, aux = self._forward(x)
-            loss = self._natural_loss(logits, aux, y)
-            return loss, {"train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()}
-        details: Dict[str, float] = {}
-        if parse_norm(config.norm) == math.inf:
-            from verifiers.interval import interval_margins
-            use_crown = config.mode == "crown-ibp" and plan["beta"] > 0
-            bounds = interval_margins(self.model, x, y, plan["eps"], crown_ibp=use_crown, crown_rows=config.crown_rows,
-                                      forward=getattr(self.model, "forward_with_aux", None))
-            logits, aux = bounds.logits, bounds.auxiliary
-            margins = bounds.ibp if not use_crown else plan["beta"] * bounds.crown_ibp + (1 - plan["beta"]) * bounds.ibp
-            regulariser = None
-            strength = config.reg_weight * (1 - plan["progress"])
-            if strength > 0:
-                regulariser, reg_details = warmup_regulariser(bounds, config.reg_tolerance, config.reg_form)
-                details.update(reg_details)
-        else:  # L2: auto_LiRPA (its Lp-ball input nodes)
-            logits, aux = self._forward(x)
-            margins = certified_margins(self.model, x, y, plan["eps"], config.norm, config.mode, plan["beta"])
-            regulariser = None
-        natural = self._natural_loss(logits, aux, y)
-        robust = F.cross_entropy(-margins, y)
-        loss = plan["kappa"] * natural + (1 - plan["kappa"]) * robust
-        if regulariser is not None:
-            loss = loss + strength * regulariser
-        others = margins.scatter(1, y[:, None], float("inf"))
-        details.update({"robust_loss": robust.item(), "train_verified": (others.min(1).values > 0).float().mean().item(),
-                        "train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()})
-        return loss, details
+        return training_loss(self.model, x, y, plan, self.config)
 
     def step(self, x, y, plan) -> Dict[str, float]:
         self.model.train()

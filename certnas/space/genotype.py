@@ -115,3 +115,20 @@ NAMED: Dict[str, Genotype] = {
                 ("sep_conv_3x3", 0), ("sep_conv_3x3", 3), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2)),
         reduce_concat=(2, 3, 4, 5)),
 }
+
+
+def random_genotype(seed: int, steps: int = 4, primitives: Sequence[str] = PRIMITIVES) -> Genotype:
+    """A cell drawn uniformly from the space the DARTS rule derives from: per node two distinct inputs
+    among its predecessors and, for each, one operation other than ``none`` (NAS' random baseline)."""
+    import random
+    rng = random.Random(seed)
+    ops = [op for op in primitives if op != "none"]
+    cells = []
+    for _ in range(2):
+        edges = []
+        for node in range(steps):
+            for source in sorted(rng.sample(range(node + 2), 2)):
+                edges.append((rng.choice(ops), source))
+        cells.append(tuple(edges))
+    concat = tuple(range(2, steps + 2))
+    return Genotype(cells[0], concat, cells[1], concat)

@@ -118,6 +118,8 @@ class SearchCell(nn.Module):
 
 class SearchNetwork(nn.Module):
     """Stem, ``layers`` search cells (reduction at 1/3 and 2/3 of the depth), global pooling, linear.
+    ``stem``: ``cifar`` (3x3 convolution, stride 1, as DARTS) or ``strided`` (stride 2: the cells see
+    half the resolution, a quarter of the cost).
 
     Input (B, in_channels, H, W) in [0, 1]; ``mean`` / ``std`` normalisation is the first layer, so
     every eps is in pixel units. Output (B, num_classes) logits.
@@ -126,7 +128,8 @@ class SearchNetwork(nn.Module):
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, in_channels: int = 3,
                  steps: int = 4, multiplier: int = 4, stem_multiplier: int = 3,
                  primitives: Sequence[str] = PRIMITIVES, mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,), partial_channels: int = 1, edge_normalization: bool = False):
+                 std: Sequence[float] = (1.0,), partial_channels: int = 1, edge_normalization: bool = False,
+                 stem: str = "cifar"):
         super().__init__()
         self.primitives = tuple(primitives)
         self.steps = steps
@@ -134,7 +137,10 @@ class SearchNetwork(nn.Module):
         self.edge_normalization = edge_normalization
         self.normalize = Normalize(mean, std, in_channels)
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        if stem not in ("cifar", "strided"):
+            raise ValueError(f"unknown supernet stem {stem!r}; known: cifar, strided")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, stride=2 if stem == "strided" else 1, padding=1,
+                                            bias=False), nn.BatchNorm2d(C_curr))
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev = False
@@ -156,9 +162,20 @@ class SearchNetwork(nn.Module):
             self.edge_normal = nn.Parameter(1e-3 * torch.randn(1, edges))
             self.edge_reduce = nn.Parameter(1e-3 * torch.randn(1, edges))
 
+    def cell_types(self) -> List[bool]:
+        """The cell types (``reduction`` flags) this supernet has: a network of fewer than 3 cells
+        has no reduction cell, so its reduction architecture weights get no gradient."""
+        return sorted({cell.reduction for cell in self.cells})
+
     def arch_parameters(self) -> List[nn.Parameter]:
         extra = [self.edge_normal, self.edge_reduce] if self.edge_normalization else []
         return [self.arch_normal, self.arch_reduce] + extra
+
+    def searched_arch_parameters(self) -> List[nn.Parameter]:
+        """The architecture parameters of the cell types this supernet has (:meth:`cell_types`)."""
+        normal = [self.arch_normal] + ([self.edge_normal] if self.edge_normalization else [])
+        reduce = [self.arch_reduce] + ([self.edge_reduce] if self.edge_normalization else [])
+        return (normal if False in self.cell_types() else []) + (reduce if True in self.cell_types() else [])
 
     def edge_weights(self, reduction: bool) -> torch.Tensor:
         """(edges,) softmax of the edge-normalisation parameters over each node's incoming edges."""

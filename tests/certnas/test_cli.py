@@ -43,6 +43,21 @@ def test_train_option_defaults_are_the_training_config_defaults():
     assert checked >= 20
 
 
+def test_search_option_defaults_are_the_search_config_defaults():
+    import dataclasses
+    from certnas.search import SearchConfig, WEIGHT_MODES
+    from certnas import cli
+    assert cli.WEIGHT_MODES == WEIGHT_MODES
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    checked = 0
+    for param in main.commands["search"].params:
+        if isinstance(param, click.Option) and param.name in defaults and param.name not in ("data_root", "eps"):
+            value = int(param.default) if param.name == "order" else param.default
+            assert value == defaults[param.name], f"--{param.name}: cli {value!r}, SearchConfig {defaults[param.name]!r}"
+            checked += 1
+    assert checked >= 20
+
+
 @pytest.mark.parametrize("args,message", [
     (["--eps", "2/0"], "division by zero"), (["--eps", "abc"], "not a number"), (["--eps", "-1"], ">= 0"),
     (["--metric", "fgsm"], "Invalid value for '--metric'"), (["--device", "cuda:7"], "--device"),
@@ -63,8 +78,8 @@ def test_non_empty_out_is_refused(tmp_path):
 
 def test_search_command_runs_and_writes_the_genotype(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["-q", "search", "--metric", "clb", "--bound", "ibp", "--epochs", "1",
-                                       "--layers", "3", "--init-channels", "4", "--train-limit", "8",
+    result = CliRunner().invoke(main, ["-q", "search", "--metric", "clb", "--bound", "ibp", "--epochs", "1", "--warmup-epochs", "0",
+                                       "--layers", "2", "--init-channels", "4", "--train-limit", "8",
                                        "--val-limit", "8", "--batch-size", "8", "--eps", "2/255", "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "genotype.json").read_text())
@@ -120,6 +135,7 @@ def test_train_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
     assert message in result.output and result.output.count("\n") == 1, result.output
 
 
+@pytest.mark.slow
 def test_verify_command_writes_rows_and_summary(cli_model, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(cli_model), "--n", "8", "--eps", "0.02", "--radius",
                                        "--radius-steps", "6", "--milp-time-limit", "20", "--crown-max-relus", "1000",

@@ -66,3 +66,30 @@ def test_jacobian_projections_estimate_is_unbiased_over_class_draws():
              for _ in range(60)]
     assert -sum(draws) / len(draws) == pytest.approx(exact, rel=0.1)
     assert len(set(round(d, 9) for d in draws)) > 1
+
+
+def test_clb_margin_on_the_interval_engine_equals_auto_lirpa_ibp_and_is_sound_against_its_crown_ibp():
+    """The L-inf clb runs on verifiers.interval; auto_LiRPA's bound of the same supernet is the reference:
+    IBP equal in value and architecture gradient; CROWN-IBP between IBP and auto_LiRPA's CROWN-IBP (on a
+    supernet, auto_LiRPA is tighter where one node feeds several operations)."""
+    from certnas.metrics import clb_margins
+    from certnas.space.supernet import SearchNetwork
+    from verifiers.bounds import margin_lower_bound
+    torch.manual_seed(4)
+    net = SearchNetwork(C=2, num_classes=4, layers=3, in_channels=1, steps=2, multiplier=2).double().eval()
+    with torch.no_grad():
+        net.arch_normal.normal_(0, 1)
+        net.arch_reduce.normal_(0, 1)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 3])
+    ours = clb_margins(net, x, y, MetricConfig(eps=0.003, norm="inf", bound="ibp"))
+    reference = margin_lower_bound(net, x, y, 0.003, norm="inf", method="ibp")
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-9), (ours, reference)
+    grad_ours = torch.autograd.grad(ours.sum(), net.arch_normal)[0]
+    grad_reference = torch.autograd.grad(reference.sum(), net.arch_normal)[0]
+    assert grad_ours.abs().max() > 0
+    assert torch.allclose(grad_ours, grad_reference, rtol=1e-5, atol=1e-9 * grad_reference.abs().max().item())
+    crown = clb_margins(net, x, y, MetricConfig(eps=0.003, norm="inf", bound="crown-ibp")).detach()
+    crown_reference = margin_lower_bound(net, x, y, 0.003, norm="inf", method="crown-ibp").detach()
+    assert (crown >= ours.detach() - 1e-9).all() and (crown <= crown_reference + 1e-9).all()

@@ -12,8 +12,8 @@ from certnas.runs import RunFolderError
 from certnas.search import SearchConfig, search
 from certnas.space.genotype import Genotype
 
-TINY = SearchConfig(layers=3, init_channels=4, steps=2, multiplier=2, batch_size=8, train_limit=16, val_limit=16, epochs=2,
-                    metric_samples=4, bound="ibp", metric="clb")
+TINY = SearchConfig(layers=2, init_channels=4, steps=2, multiplier=2, batch_size=8, train_limit=16, val_limit=16, epochs=2,
+                    metric_samples=4, bound="ibp", metric="clb")  # weight steps: 1 clean epoch, then IBP
 
 
 def test_search_writes_genotype_history_checkpoint_and_pictures(tmp_path):
@@ -26,8 +26,11 @@ def test_search_writes_genotype_history_checkpoint_and_pictures(tmp_path):
     assert len(saved["arch_weights"]["normal"]) == 5  # edges of a 2-node cell
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    for column in ("train_loss", "val_acc", "R", "clb_margin", "arch_entropy", "seconds"):
+    for column in ("train_loss", "val_acc", "R", "clb_margin", "arch_entropy", "seconds", "grad_val", "grad_gamma_R"):
         assert column in rows[0]
+    assert float(rows[0]["eps"]) == 0 and float(rows[1]["eps"]) == pytest.approx(TINY.eps)  # warm-up, then the ramp
+    assert "train_verified" in rows[1] and float(rows[1]["grad_gamma_R"]) > 0
+    assert saved["searched_cells"] == ["normal"]  # 2 cells: no reduction cell
     tensors, meta = load_file(out / "checkpoint.pt", kind="checkpoint")
     assert meta["epoch"] == 1 and "arch_normal" in tensors["model"]
     for picture in ("cells.png", "arch_weights.png"):
@@ -47,11 +50,11 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, monkey
     calls = {"n": 0}
     original = search_module.Searcher.weight_step
 
-    def crash_in_second_epoch(self, x, y):
+    def crash_in_second_epoch(self, x, y, plan=None):
         calls["n"] += 1
         if calls["n"] == 3:  # epoch 2, first batch: after one checkpoint
             raise KeyboardInterrupt
-        return original(self, x, y)
+        return original(self, x, y, plan)
 
     monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -73,9 +76,9 @@ def test_non_empty_output_is_refused_without_resume_or_force(tmp_path):
 
 
 def test_resume_with_different_settings_is_refused(tmp_path):
-    search(replace(TINY, epochs=1), tmp_path / "run", quiet=True)
+    search(replace(TINY, epochs=1, warmup_epochs=0), tmp_path / "run", quiet=True)
     with pytest.raises(ConfigError, match="settings differ"):
-        search(replace(TINY, epochs=1, gamma=0.5), tmp_path / "run", resume=True, quiet=True)
+        search(replace(TINY, epochs=1, warmup_epochs=0, gamma=0.5), tmp_path / "run", resume=True, quiet=True)
 
 
 @pytest.mark.slow
@@ -84,10 +87,11 @@ def test_resume_with_different_settings_is_refused(tmp_path):
     {"metric": "clb", "clb_scale": "linear"}, {"metric": "jacobian"}, {"metric": "jacobian", "jacobian_projections": 2},
     {"metric": "combined"}, {"metric": "sdarts-adv", "sdarts_steps": 2}, {"metric": "pgd", "pgd_steps": 2},
     {"metric": "clb", "order": 2}, {"metric": "clb", "partial_channels": 2, "edge_normalization": True},
-    {"metric": "clb", "norm": "2", "eps": 0.1},
+    {"metric": "clb", "norm": "2", "eps": 0.1}, {"metric": "clb", "layers": 3, "stem": "cifar", "weight_mode": "crown-ibp"},
+    {"metric": "none", "weight_mode": "ibp"},
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_every_metric_and_option_runs_an_epoch(tmp_path, change):
-    config = replace(TINY, epochs=1, train_limit=8, val_limit=8, **change)
+    config = replace(TINY, epochs=1, train_limit=8, val_limit=8, warmup_epochs=0, **change)
     record = search(config, tmp_path / "run", quiet=True)
     Genotype.from_dict(record)
     row = next(csv.DictReader(open(tmp_path / "run" / "history.csv")))
@@ -96,14 +100,18 @@ def test_every_metric_and_option_runs_an_epoch(tmp_path, change):
 
 def test_architecture_weights_move_with_the_metric(tmp_path):
     """R contributes to the architecture gradient: with gamma = 0 and gamma > 0 the runs differ."""
-    base = replace(TINY, epochs=1)
+    base = replace(TINY, epochs=1, warmup_epochs=0)
     with_r = search(replace(base, gamma=1.0), tmp_path / "a", quiet=True)
     without = search(replace(base, gamma=0.0), tmp_path / "b", quiet=True)
     assert with_r["arch_weights"] != without["arch_weights"]
 
 
 @pytest.mark.parametrize("change,message", [({"metric": "fgsm"}, "unknown metric"), ({"order": 3}, "order must be"),
-                                            ({"bound": "alpha-crown"}, "search bound"), ({"layers": 0}, "layers must be")])
+                                            ({"bound": "alpha-crown"}, "search bound"), ({"layers": 0}, "layers must be"),
+                                            ({"metric": "pgd", "weight_mode": "ibp"}, "own weight step"),
+                                            ({"weight_mode": "pgd"}, "unknown weight mode"),
+                                            ({"layers": 3}, "stride-2 pooling needs even sizes"),
+                                            ({"arch_start_epoch": 2}, "architecture steps would start in epoch 3 of 2")])
 def test_invalid_settings_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         search(replace(TINY, **change), tmp_path / "run", quiet=True)
@@ -115,7 +123,8 @@ def test_search_runs_on_test_sized_files_in_the_real_formats(tmp_path, dataset):
     from tests.certnas.datafiles import write_cifar10, write_imagefolder, write_mnist
     root = {"mnist": write_mnist, "cifar10": write_cifar10,
             "imagenet": lambda r: write_imagefolder(r, classes=3, per_class=8)}[dataset](tmp_path / "data")
-    config = replace(TINY, data=dataset, data_root=str(root), image_size=16, epochs=1, train_limit=8, val_limit=8)
+    config = replace(TINY, data=dataset, data_root=str(root), image_size=16, epochs=1, train_limit=8, val_limit=8,
+                     warmup_epochs=0)
     record = search(config, tmp_path / "run", quiet=True)
     Genotype.from_dict(record)
     assert record["settings"]["data"] == dataset

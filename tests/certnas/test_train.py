@@ -33,8 +33,9 @@ def test_every_mode_writes_a_model_file_in_eval_mode(tmp_path, mode):
     margin_lower_bound(model, x, torch.tensor([0, 1]), 0.01, method="crown-ibp")  # the verifier accepts it
 
 
+@pytest.mark.slow
 def test_a_searched_genotype_trains(tmp_path):
-    search(replace(TINY_SEARCH, epochs=1, steps=4, multiplier=4), tmp_path / "search", quiet=True)
+    search(replace(TINY_SEARCH, epochs=1, warmup_epochs=0, steps=4, multiplier=4), tmp_path / "search", quiet=True)
     train(replace(TINY, genotype=str(tmp_path / "search" / "genotype.json"), epochs=1), tmp_path / "run", quiet=True)
     _, meta = load_model_with_meta(tmp_path / "run" / "model.pt")
     saved = json.loads((tmp_path / "search" / "genotype.json").read_text())

@@ -1,0 +1,291 @@
+"""The experiment that decides DSRNA's claim: once every cell gets the same certified training, does a
+cell searched with a certified lower bound certify more than DARTS' cell, the baselines' cells and
+cells drawn at random from the same space?
+
+    python -m benchmarks.claim --scale cpu [--seeds 0,1,2] [--rows DARTS,DSRNA-CB,...] [--out DIR]
+
+Per row and seed: search (``certnas search`` with the row's metric; random rows draw a cell instead),
+then the scale's certified training (the same for every row), then the same evaluation: clean accuracy,
+verified accuracy at each eps (IBP, CROWN-IBP and the best of the two per sample; auto_LiRPA bounds,
+every certificate attacked by the soundness guard), PGD-100 and AutoAttack accuracy at the largest eps,
+and the certified radius. Stages are cached like the paper tables (``<out>/cache``), so the experiment
+runs in parts: stop it at any time and run the same command again. ``<out>`` gets ``records.jsonl`` (one
+record per row and seed), ``claim.csv`` / ``claim.md`` (mean +- std over seeds) and ``verdict.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from benchmarks.common import cached_stage, config_hash, environment, write_json
+from certnas.attack_eval import AttackConfig, run_attacks
+from certnas.runs import atomic_write_text
+from certnas.search import SearchConfig, search
+from certnas.space.genotype import random_genotype
+from certnas.train import TrainConfig, train
+from certnas.verify_run import VerifyConfig, run_verify
+
+SEARCH_ROWS: Dict[str, Dict[str, Any]] = {
+    "DARTS": {"metric": "none"},
+    "PC-DARTS": {"metric": "none", "partial_channels": 2, "edge_normalization": True},
+    "SDARTS-ADV": {"metric": "sdarts-adv"},
+    "PGD search": {"metric": "pgd"},
+    # the certified weight step without the robustness term: separates what R adds from what IBP weights add
+    "DARTS (IBP weights)": {"metric": "none", "weight_mode": "ibp"},
+    "DSRNA-CB": {"metric": "clb"},
+    "DSRNA-CB (radius)": {"metric": "clb", "clb_form": "radius", "bound": "ibp"},
+    "DSRNA-Jacobian": {"metric": "jacobian"},
+    "DSRNA-Combined": {"metric": "combined"},
+}
+RANDOM_CELLS = 5
+ROWS = list(SEARCH_ROWS) + [f"random-{i}" for i in range(1, RANDOM_CELLS + 1)]
+
+
+@dataclass(frozen=True)
+class ClaimScale:
+    """search: SearchConfig settings over its defaults; train: TrainConfig settings (the certified
+    training every cell gets); eps: L-inf radii of verified accuracy (the attacks use the largest)."""
+    name: str
+    search: Dict[str, Any]
+    train: Dict[str, Any]
+    eps: Tuple[float, ...] = (0.05, 0.1)
+    verify_n: int = 500
+    radius_n: int = 100
+    attack_n: int = 200
+    attack_steps: int = 100
+    autoattack_version: str = "fast"
+    radius_steps: int = 8
+    data: str = "mnist-embedded"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+SCALES = {
+    # The search defaults (``certnas search``, about 5 minutes each) and a shortened certified recipe
+    # (``certnas train --mode ibp`` with 8 epochs on 2,000 digits, about 2 minutes): the same for every row.
+    "cpu": ClaimScale("cpu", search={}, train={"mode": "ibp", "epochs": 8, "train_limit": 2000, "eval_limit": 1000}),
+    # For the end-to-end test only: seconds.
+    "tiny": ClaimScale("tiny", search={"layers": 2, "init_channels": 4, "steps": 2, "multiplier": 2, "epochs": 2,
+                                       "train_limit": 16, "val_limit": 16, "batch_size": 8, "metric_samples": 4,
+                                       "bound": "ibp"},
+                       train={"mode": "ibp", "layers": 2, "init_channels": 4, "epochs": 2, "train_limit": 64,
+                              "eval_limit": 50, "batch_size": 32, "max_loss": 0},
+                       verify_n=8, radius_n=4, attack_n=8, attack_steps=3, radius_steps=3),
+    # A GPU run on the full MNIST training set (--data-root): the paper's search size, the CROWN-IBP
+    # recipe at full length on the 8-cell network.
+    "paper": ClaimScale("paper", search={"layers": 8, "init_channels": 16, "epochs": 50, "stem": "cifar",
+                                         "train_limit": 0, "val_limit": 0, "batch_size": 64, "metric_samples": 16},
+                        train={"mode": "crown-ibp", "layers": 8, "init_channels": 16, "stem": "cifar", "epochs": 100,
+                               "eval_limit": 0, "batch_size": 128},
+                        verify_n=10000, radius_n=1000, attack_n=1000, autoattack_version="standard", radius_steps=12, data="mnist"),
+}
+
+
+class Experiment:
+    """The cached stages of one scale, in ``out/cache``."""
+
+    def __init__(self, scale: ClaimScale, out: Path, data_root: Optional[str], device: str, quiet: bool = True):
+        self.scale, self.out, self.data_root, self.device, self.quiet = scale, Path(out), data_root, device, quiet
+        self.cache = self.out / "cache"
+
+    def genotype(self, row: str, seed: int) -> Path:
+        """The row's genotype.json: searched, or drawn (random rows: cell i, the same for every seed)."""
+        if row.startswith("random-"):
+            index = int(row.split("-")[1])
+            drawn = random_genotype(seed=index)
+            folder = self.cache / f"random-{index}"
+            if not (folder / "genotype.json").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / "genotype.json", {**drawn.to_dict(), "drawn_with_seed": index})
+            return folder / "genotype.json"
+        config = SearchConfig(**{**self.scale.search, **SEARCH_ROWS[row]}, data=self.scale.data, data_root=self.data_root,
+                              seed=seed, device=self.device)
+        folder = cached_stage(self.cache, "search", config_hash("search", asdict(config)), "genotype.json",
+                              lambda f, resume: search(config, f, resume=resume, force=not resume, quiet=self.quiet))
+        return folder / "genotype.json"
+
+    def train(self, row: str, seed: int) -> Path:
+        genotype = self.genotype(row, seed)
+        config = TrainConfig(**self.scale.train, genotype=str(genotype), data=self.scale.data, data_root=self.data_root,
+                             seed=seed, device=self.device)
+        key = config_hash("train", {**asdict(config), "genotype": None}, genotype.parent.name)
+        return cached_stage(self.cache, "train", key, "model.pt",
+                            lambda f, resume: train(config, f, resume=resume, force=not resume, quiet=self.quiet))
+
+    def verify(self, model: Path, eps: float, radius: bool) -> Path:
+        """Verified accuracy at eps on verify_n test samples, or (radius) certified radii on radius_n."""
+        config = VerifyConfig(methods=("ibp", "crown-ibp"), eps=eps, norm="inf",
+                              n=self.scale.radius_n if radius else self.scale.verify_n, radius=radius,
+                              radius_max=0.5, radius_steps=self.scale.radius_steps, data=self.scale.data,
+                              data_root=self.data_root, device=self.device)
+        key = config_hash("verify", asdict(config), model.parent.name)
+        return cached_stage(self.cache, "verify", key, "verify.json",
+                            lambda f, resume: run_verify(config, model, f, quiet=self.quiet))
+
+    def attack(self, model: Path) -> Path:
+        config = AttackConfig(attacks=("pgd", "autoattack"), eps=max(self.scale.eps), norm="inf",
+                              steps=self.scale.attack_steps, n=self.scale.attack_n, data=self.scale.data,
+                              data_root=self.data_root, autoattack_version=self.scale.autoattack_version,
+                              device=self.device)
+        key = config_hash("attack", asdict(config), model.parent.name)
+        return cached_stage(self.cache, "attack", key, "attack.json",
+                            lambda f, resume: run_attacks(config, model, f, quiet=self.quiet))
+
+    def record(self, row: str, seed: int) -> Dict[str, Any]:
+        genotype = json.loads(self.genotype(row, seed).read_text())
+        trained = self.train(row, seed)
+        summary = json.loads((trained / "summary.json").read_text())
+        record: Dict[str, Any] = {"row": row, "seed": seed, "scale": self.scale.name, "normal": genotype["normal"],
+                                  "clean": summary["test_acc"], "train_seconds": summary["train_seconds"]}
+        if not row.startswith("random-"):
+            with open(self.genotype(row, seed).parent / "history.csv", newline="") as handle:
+                last = list(csv.DictReader(handle))[-1]
+            record.update({"search_arch_entropy": float(last["arch_entropy"]),
+                           "search_clb_margin": float(last["clb_margin"]) if last.get("clb_margin") else None})
+        for eps in sorted(self.scale.eps):
+            record.update(verified_fractions(self.verify(trained / "model.pt", eps, radius=False), eps))
+        radii = verified_fractions(self.verify(trained / "model.pt", max(self.scale.eps), radius=True), max(self.scale.eps))
+        record.update({key: value for key, value in radii.items() if key.startswith("radius_")})
+        attack = json.loads((self.attack(trained / "model.pt") / "attack.json").read_text())
+        for result in attack["results"]:
+            if result["attack"] in ("pgd", "autoattack"):
+                record[f"{result['attack']}@{max(self.scale.eps):g}"] = result["robust_accuracy"]
+        return record
+
+
+def verified_fractions(folder: Path, eps: float) -> Dict[str, float]:
+    """Verified accuracy at ``eps`` per method and for the best of them per sample, and (when the stage
+    computed radii) the median and mean certified radius of the best method, from ``verify.csv``."""
+    import pandas as pd
+    table = pd.read_csv(folder / "verify.csv")
+    at_eps = table[table["mode"] == "eps"]
+    n = at_eps["index"].nunique()
+    result = {f"{method}@{eps:g}": group["certified"].astype(bool).sum() / n for method, group in at_eps.groupby("method")}
+    result[f"verified@{eps:g}"] = at_eps.groupby("index")["certified"].apply(lambda s: s.astype(bool).any()).sum() / n
+    radii = table[(table["mode"] == "radius") & table["method"].isin(["ibp", "crown-ibp"])]
+    if len(radii):
+        best = radii.groupby("index")["radius"].max()
+        result["radius_median"] = float(best.median())
+        result["radius_mean"] = float(best.mean())
+    return result
+
+
+def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mean and standard deviation over seeds per row, and one pooled ``random (all)`` row."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record["row"], []).append(record)
+        if record["row"].startswith("random-"):
+            groups.setdefault("random (all cells)", []).append(record)
+    keys: List[str] = []
+    for record in records:
+        keys += [k for k, v in record.items() if isinstance(v, (int, float)) and k != "seed" and k not in keys]
+    rows = []
+    for name in [r for r in ROWS if r in groups] + (["random (all cells)"] if "random (all cells)" in groups else []):
+        members = groups[name]
+        row: Dict[str, Any] = {"row": name, "runs": len(members)}
+        for key in keys:
+            values = [m[key] for m in members if isinstance(m.get(key), (int, float))]
+            if values:
+                row[key] = statistics.fmean(values)
+                row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def verdict(rows: List[Dict[str, Any]], key: str) -> List[str]:
+    """Plain-language answers: does DSRNA-CB (and each DSRNA row) beat DARTS and the random cells on
+    ``key`` by more than the seed spread (the larger of the two standard deviations)?"""
+    by_name = {row["row"]: row for row in rows}
+    lines = []
+    for challenger in ("DSRNA-CB", "DSRNA-CB (radius)", "DSRNA-Combined", "DSRNA-Jacobian"):
+        if challenger not in by_name or key not in by_name[challenger]:
+            continue
+        mine = by_name[challenger]
+        for reference in ("DARTS", "DARTS (IBP weights)", "random (all cells)"):
+            if reference not in by_name or key not in by_name[reference]:
+                continue
+            other = by_name[reference]
+            gap = mine[key] - other[key]
+            spread = max(mine[f"{key}_std"], other[f"{key}_std"])
+            if mine["runs"] < 2 or other["runs"] < 2:
+                answer = "undecided (fewer than 2 runs on one side)"
+            elif gap > spread:
+                answer = "yes"
+            elif gap < -spread:
+                answer = "no: it is worse by more than the spread"
+            else:
+                answer = "no: the gap is within the seed spread"
+            lines.append(f"- {challenger} vs {reference} on {key}: {100 * mine[key]:.1f} vs {100 * other[key]:.1f} "
+                         f"(gap {100 * gap:+.1f}, spread {100 * spread:.1f} points, {mine['runs']} / {other['runs']} runs)"
+                         f": **{answer}**")
+    return lines
+
+
+def write_outputs(records: List[Dict[str, Any]], out: Path, scale: ClaimScale) -> List[Dict[str, Any]]:
+    import pandas as pd
+    rows = summarise(records)
+    if not rows:
+        return rows
+    frame = pd.DataFrame(rows)
+    atomic_write_text(out / "claim.csv", frame.to_csv(index=False))
+    columns = ["clean"] + [f"verified@{e:g}" for e in sorted(scale.eps)] + [f"crown-ibp@{max(scale.eps):g}",
+                                                                          f"pgd@{max(scale.eps):g}",
+                                                                          f"autoattack@{max(scale.eps):g}"]
+    lines = ["| row | runs | " + " | ".join(columns) + " | median radius |", "|---" * (len(columns) + 3) + "|"]
+    for row in rows:
+        cells = [f"{100 * row[c]:.1f} +- {100 * row[c + '_std']:.1f}" if c in row else "" for c in columns]
+        radius = f"{row['radius_median']:.3f} +- {row['radius_median_std']:.3f}" if "radius_median" in row else ""
+        lines.append(f"| {row['row']} | {row['runs']} | " + " | ".join(cells) + f" | {radius} |")
+    atomic_write_text(out / "claim.md", "\n".join(lines) + "\n")
+    key = f"verified@{max(scale.eps):g}"
+    atomic_write_text(out / "verdict.md", "\n".join(
+        [f"# Verdict ({scale.name} scale; verified accuracy, best sound method, L-inf {max(scale.eps):g})", ""]
+        + verdict(rows, key) + [""]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="cpu")
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows; known: {', '.join(ROWS)}.")
+    parser.add_argument("--out", type=Path, default=None, help="Default: benchmarks/results/claim-<scale>.")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    out = args.out or Path(__file__).parent / "results" / f"claim-{args.scale}"
+    experiment = Experiment(scale, out, args.data_root, args.device)
+    earlier = out / "records.jsonl"
+    records = [json.loads(line) for line in earlier.read_text().splitlines()] if earlier.is_file() else []
+    for seed in seeds:  # seed-major: a partial run has every row at the first seeds
+        for row in rows:
+            record = experiment.record(row, seed)
+            records = [r for r in records if (r["row"], r["seed"]) != (row, seed)] + [record]
+            print(f"{row} seed {seed}: clean {record['clean']:.3f}, verified@{max(scale.eps):g} "
+                  f"{record[f'verified@{max(scale.eps):g}']:.3f}", flush=True)
+            atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            write_outputs(records, out, scale)
+    write_json(out / "run.json", {"command": " ".join(["python", "-m", "benchmarks.claim", *sys.argv[1:]]),
+                                  "scale": asdict(scale), "environment": environment()})
+    print((out / "claim.md").read_text())
+    print((out / "verdict.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The claim experiment runs end to end at the tiny scale, reuses its cache, and answers the claim."""
+import json
+
+from benchmarks import claim
+
+
+def test_claim_experiment_runs_every_stage_reuses_its_cache_and_writes_the_verdict(tmp_path, capsys):
+    out = tmp_path / "claim"
+    argv = ["--scale", "tiny", "--rows", "DSRNA-CB,random-1", "--seeds", "0,1", "--out", str(out)]
+    assert claim.main(argv) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted((r["row"], r["seed"]) for r in records) == [("DSRNA-CB", 0), ("DSRNA-CB", 1), ("random-1", 0),
+                                                               ("random-1", 1)]
+    for record in records:
+        for key in ("clean", "verified@0.05", "verified@0.1", "ibp@0.1", "crown-ibp@0.1", "pgd@0.1", "autoattack@0.1"):
+            assert 0 <= record[key] <= 1, key
+        # the best sound method certifies at least what each method does, and never more than is correct
+        assert record["verified@0.1"] >= max(record["ibp@0.1"], record["crown-ibp@0.1"])
+        assert record["verified@0.1"] <= record["verified@0.05"] + 1e-9
+        assert record["radius_median"] >= 0
+    random_cells = [r["normal"] for r in records if r["row"] == "random-1"]
+    assert random_cells[0] == random_cells[1]  # one drawn cell, trained with two seeds
+    assert "DSRNA-CB | 2 |" in (out / "claim.md").read_text()
+    verdict = (out / "verdict.md").read_text()
+    assert "DSRNA-CB vs random (all cells)" in verdict
+    stages = sorted(p.name for p in (out / "cache").iterdir())
+    assert claim.main(argv) == 0  # everything cached: no new stage, the same records
+    assert sorted(p.name for p in (out / "cache").iterdir()) == stages
+    assert [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()] == records
+
+
+def test_random_cells_are_valid_distinct_and_never_use_none():
+    from certnas.space.genotype import random_genotype
+    cells = [random_genotype(seed) for seed in range(20)]
+    assert len({c.normal for c in cells}) == 20
+    for cell in cells:
+        assert all(op != "none" for op, _ in cell.normal + cell.reduce)
+        for node in range(4):
+            first, second = cell.normal[2 * node][1], cell.normal[2 * node + 1][1]
+            assert first != second and max(first, second) < node + 2
+    assert random_genotype(3) == random_genotype(3)
