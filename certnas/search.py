@@ -237,7 +237,7 @@ class Searcher:
                 for w, w0, g in zip(weights, original, weight_grads):
                     w.copy_(w0 + sign * scale * g)
             loss = F.cross_entropy(self.net(x_train), y_train)
-            hvp.append(torch.autograd.grad(loss, arch))
+            hvp.append(_grads(loss, arch))
         with torch.no_grad():
             for w, w0 in zip(weights, original):
                 w.copy_(w0)
@@ -282,7 +282,7 @@ class Searcher:
                 for a, d in zip(arch, deltas):
                     a.add_(d)
             loss = F.cross_entropy(self.net(x), y)
-            grads = torch.autograd.grad(loss, arch)
+            grads = _grads(loss, arch)  # zeros for a cell type the supernet does not have
             with torch.no_grad():
                 for a, d, g in zip(arch, deltas, grads):
                     a.sub_(d)

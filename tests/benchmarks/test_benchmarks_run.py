@@ -20,10 +20,10 @@ def test_bench_bounds_writes_a_record(tmp_path):
 @pytest.mark.slow
 def test_bench_search_writes_a_record(tmp_path):
     out = tmp_path / "search.json"
-    bench_search.main(["--layers", "3", "--init-channels", "4", "--batch-size", "4", "--metric-samples", "2",
+    bench_search.main(["--layers", "2", "--init-channels", "4", "--batch-size", "4", "--metric-samples", "2",
                        "--repeats", "1", "--warmup", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 6
+    assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 7
 
 
 @pytest.mark.slow

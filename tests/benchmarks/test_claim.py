@@ -1,9 +1,12 @@
 """The claim experiment runs end to end at the tiny scale, reuses its cache, and answers the claim."""
 import json
 
+import pytest
+
 from benchmarks import claim
 
 
+@pytest.mark.slow
 def test_claim_experiment_runs_every_stage_reuses_its_cache_and_writes_the_verdict(tmp_path, capsys):
     out = tmp_path / "claim"
     argv = ["--scale", "tiny", "--rows", "DSRNA-CB,random-1", "--seeds", "0,1", "--out", str(out)]
