@@ -22,9 +22,10 @@ from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.metrics import METRICS, MetricConfig, robustness
 from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
-from certnas.space.network import STEMS, odd_reduction
+from certnas.space.network import STEMS
 from certnas.space.supernet import SearchNetwork
-from certnas.train import TrainConfig, TrainingDivergedError, ibp_initialise, schedule, training_loss
+from certnas.train import (TrainConfig, TrainingDivergedError, check_even_reductions, ibp_initialise, make_optimizer,
+                           schedule, training_loss)
 
 log = logging.getLogger(__name__)
 
@@ -157,20 +158,12 @@ class Searcher:
     def __init__(self, config: SearchConfig, info):
         self.config = config
         self.device = torch.device(config.device)
-        problem = odd_reduction(info.image_size, config.layers, config.stem)
-        if problem:
-            raise ConfigError(f"--layers {config.layers} with --stem {config.stem} on {info.image_size}x{info.image_size} "
-                              f"images: {problem}, and stride-2 pooling needs even sizes; use another --image-size, "
-                              "--stem or --layers")
+        check_even_reductions(info.image_size, config.layers, config.stem)
         self.net = build_supernet(config, info).to(self.device)
         self.weight_config = training = config.weight_training()
         if training.init == "ibp":
             ibp_initialise(self.net)
-        if training.optimizer == "adam":
-            self.w_opt = torch.optim.Adam(self.net.weight_parameters(), training.lr, weight_decay=training.weight_decay)
-        else:
-            self.w_opt = torch.optim.SGD(self.net.weight_parameters(), training.lr, momentum=training.momentum,
-                                         weight_decay=training.weight_decay)
+        self.w_opt = make_optimizer(self.net.weight_parameters(), training)
         # only the weights of cell types the supernet has (weight decay alone would move the others)
         self.a_opt = torch.optim.Adam(self.net.searched_arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
                                       weight_decay=config.a_weight_decay)

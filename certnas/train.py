@@ -158,13 +158,25 @@ def resolve_genotype(text: str) -> Genotype:
     return Genotype.from_json(path.read_text())
 
 
+def check_even_reductions(image_size: int, layers: int, stem: str) -> None:
+    """ConfigError (one line) if a reduction cell of this network or supernet would get odd-sized maps."""
+    problem = odd_reduction(image_size, layers, stem)
+    if problem:
+        raise ConfigError(f"--layers {layers} with --stem {stem} on {image_size}x{image_size} images: {problem}, and "
+                          "stride-2 pooling needs even sizes; use --stem cifar or fewer --layers")
+
+
+def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """The weight optimiser of a resolved config: Adam or SGD with momentum, both with weight decay."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
     genotype = resolve_genotype(config.genotype).to_dict() if config.network == "darts" else None
-    problem = odd_reduction(info.image_size, config.layers, config.stem) if config.network == "darts" else None
-    if problem:
-        raise ConfigError(f"--layers {config.layers} with --stem {config.stem} on {info.image_size}x{info.image_size} "
-                          f"images: {problem}, and stride-2 pooling needs even sizes; use --stem cifar or fewer "
-                          "--layers")
+    if config.network == "darts":
+        check_even_reductions(info.image_size, config.layers, config.stem)
     return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
@@ -318,11 +330,7 @@ class Trainer:
         self.model = build_network(network).to(self.device)
         if config.init == "ibp":
             ibp_initialise(self.model)
-        if config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.model.parameters(), config.lr, weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), config.lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.model.parameters(), config)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs, eta_min=config.lr_min)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
