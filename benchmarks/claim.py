@@ -251,6 +251,12 @@ def write_outputs(records: List[Dict[str, Any]], out: Path, scale: ClaimScale) -
     return rows
 
 
+def read_records(out: Path) -> List[Dict[str, Any]]:
+    """The records already in ``<out>/records.jsonl`` (none when it does not exist)."""
+    path = out / "records.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu")
@@ -271,12 +277,12 @@ def main(argv=None) -> int:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     out = args.out or Path(__file__).parent / "results" / f"claim-{args.scale}"
     experiment = Experiment(scale, out, args.data_root, args.device)
-    earlier = out / "records.jsonl"
-    records = [json.loads(line) for line in earlier.read_text().splitlines()] if earlier.is_file() else []
+    records: List[Dict[str, Any]] = []
     for seed in seeds:  # seed-major: a partial run has every row at the first seeds
         for row in rows:
             record = experiment.record(row, seed)
-            records = [r for r in records if (r["row"], r["seed"]) != (row, seed)] + [record]
+            # re-read before writing: another process may have added rows since (runs in parallel merge)
+            records = [r for r in read_records(out) if (r["row"], r["seed"]) != (row, seed)] + [record]
             print(f"{row} seed {seed}: clean {record['clean']:.3f}, verified@{max(scale.eps):g} "
                   f"{record[f'verified@{max(scale.eps):g}']:.3f}", flush=True)
             atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

@@ -131,7 +131,7 @@ class AutoAttackAdapter:
         with torch.no_grad():
             classes = int(self.model(x[:1]).shape[1])
         if classes < 4:
-            from verifiers.errors import CertnasError
+            from certnas.errors import CertnasError
             raise CertnasError(f"AutoAttack's targeted attacks need at least 4 classes; the model has {classes}")
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
         try:

@@ -85,14 +85,71 @@ def _split_list(text: str, what: str) -> tuple:
     return items
 
 
+def _read_settings(path: Path) -> dict:
+    """A JSON or YAML mapping of option names to values (ConfigError otherwise)."""
+    import json
+    from certnas.config import ConfigError
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read ({error.strerror})") from None
+    try:
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:  # json / yaml syntax errors
+        raise ConfigError(f"--config {path}: not valid {'YAML' if Path(path).suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                          f"({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    return values
+
+
+def settings_file_option(func):
+    """``--config FILE``: option values from a JSON / YAML file (keys are option names, ``-`` or ``_``).
+    Precedence: defaults < the file < flags given on the command line; unknown keys are refused with
+    the closest option name."""
+    @functools.wraps(func)
+    def wrapper(*args, config_file=None, **kwargs):
+        if config_file is not None:
+            import difflib
+            from click.core import ParameterSource
+            from certnas.config import ConfigError
+            ctx = click.get_current_context()
+            options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config_file"}
+            try:
+                for key, raw in _read_settings(config_file).items():
+                    name = str(key).strip().lstrip("-").replace("-", "_")
+                    if name not in options:
+                        close = difflib.get_close_matches(name, list(options), n=1)
+                        hint = f"; did you mean {'--' + close[0].replace('_', '-')!r}?" if close else ""
+                        raise ConfigError(f"--config {config_file}: unknown setting {key!r} for "
+                                          f"'certnas {ctx.command.name}'{hint}")
+                    if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+                        continue  # a flag given here wins over the file
+                    try:
+                        kwargs[name] = options[name].type_cast_value(ctx, raw)
+                    except click.BadParameter as error:
+                        raise ConfigError(f"--config {config_file}: {key}: {error.message}") from None
+            except ConfigError as error:
+                click.echo(f"certnas: error: {error}", err=True)
+                sys.exit(2)
+        return func(*args, **kwargs)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="JSON or YAML file of option values (defaults < file < flags given here).")(wrapper)
+
+
 def _fail_cleanly(func):
     """Errors caused by input become one line on stderr and exit code 2."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from verifiers.errors import CertnasError
+        from certnas.errors import CertnasError
+        from verifiers.errors import VerifierError
         try:
             return func(*args, **kwargs)
-        except CertnasError as error:
+        except (CertnasError, VerifierError) as error:
             click.echo(f"certnas: error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -193,6 +250,7 @@ def main(ctx, verbose, quiet):
               help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@settings_file_option
 @click.pass_context
 @_fail_cleanly
 def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, gamma, bound, clb_form,
@@ -270,6 +328,7 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
               help="Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@settings_file_option
 @click.pass_context
 @_fail_cleanly
 def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, network, hidden, layers,
@@ -317,6 +376,7 @@ def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, n
 @click.option("--batch-size", type=int, default=250, show_default=True, help="Samples attacked at once.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for attack.csv, attack_samples.csv and attack.json (default: next to MODEL).")
+@settings_file_option
 @click.pass_context
 @_fail_cleanly
 def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, steps, restarts, autoattack_version,
@@ -357,14 +417,30 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples bounded at once.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for verify.csv and verify.json (default: next to MODEL).")
+@click.option("--vnnlib", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Decide this VNNLIB property (VNN-COMP) instead of verifying data-set samples; the last line "
+                   "printed is the verdict: sat, unsat, unknown or timeout.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds for a --vnnlib decision.")
+@click.option("--result-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --vnnlib: write the verdict (and a sat counterexample) in the VNN-COMP result format.")
+@settings_file_option
 @click.pass_context
 @_fail_cleanly
 def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, radius, radius_max, radius_steps,
-           radius_min, pgd_steps, milp_time_limit, crown_max_relus, batch_size, out):
-    """Verified accuracy at --eps (and certified radii) of MODEL, never reporting a false certificate."""
+           radius_min, pgd_steps, milp_time_limit, crown_max_relus, batch_size, out, vnnlib, timeout, result_file):
+    """Verified accuracy at --eps (and certified radii) of MODEL, never reporting a false certificate.
+
+    MODEL is a certnas model file or an ONNX file (.onnx, converted and checked against onnxruntime);
+    with --vnnlib, a VNNLIB property is decided on it instead."""
     from certnas.verify_run import VerifyConfig, run_verify
     from verifiers.verify import parse_methods
     _check_device(device)
+    if vnnlib is not None:
+        _verify_vnnlib(ctx, model, vnnlib, timeout, result_file, methods, seed, device)
+        return
+    if result_file is not None:
+        from certnas.config import ConfigError
+        raise ConfigError("--result-file needs --vnnlib (data-set verification writes verify.csv / verify.json)")
     chosen = ("all",) if methods.strip() == "all" else tuple(parse_methods(methods))
     config = VerifyConfig(methods=chosen, eps=eps, norm=norm, n=n, radius=radius, radius_max=radius_max,
                           radius_steps=radius_steps, radius_min=radius_min, pgd_steps=pgd_steps, milp_time_limit=milp_time_limit,
@@ -380,6 +456,21 @@ def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, rad
         for method, reason in summary["skipped"].items():
             click.echo(f"skipped {method}: {reason}")
         click.echo(f"written to {out / 'verify.csv'} and {out / 'verify.json'}")
+
+
+def _verify_vnnlib(ctx, model, vnnlib, timeout, result_file, methods, seed, device) -> None:
+    from certnas.vnn_run import VnnConfig, run_vnnlib
+    from verifiers.verify import parse_methods
+    chosen = tuple(parse_methods(methods))  # all: the registry's cascade order
+    config = VnnConfig(timeout=timeout, methods=chosen, seed=seed, device=device)
+    log = None if ctx.obj["quiet"] else (lambda line: click.echo(line, err=True))
+    result = run_vnnlib(config, Path(model), Path(vnnlib), result_file, log=log)
+    if not ctx.obj["quiet"]:
+        click.echo(f"decided by {result.decided_by} in {result.seconds:.2f} s" if result.verdict in ("sat", "unsat")
+                   else f"undecided after {result.seconds:.2f} s", err=True)
+        if result_file is not None:
+            click.echo(f"written to {result_file}", err=True)
+    click.echo(result.verdict)
 
 
 def _print_rows(rows, columns) -> None:

@@ -8,7 +8,7 @@ import math
 from fractions import Fraction
 from typing import Any, Mapping, Optional, Type, TypeVar
 
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 T = TypeVar("T")
 

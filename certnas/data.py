@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 
 class DataError(CertnasError):

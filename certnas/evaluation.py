@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,13 +42,14 @@ def sample_indices(count: int, n: int, seed: int) -> torch.Tensor:
 
 def prepare(model_path: Path, *, data: Optional[str], data_root: Optional[Path], n: int, seed: int,
             device: str, image_size: Optional[int] = None) -> Evaluation:
-    """Load the model and ``n`` matching test samples onto ``device``."""
-    model, meta = load_model_with_meta(Path(model_path), map_location=device)
+    """Load the model (a certnas model file, or an ONNX file: .onnx) and ``n`` matching test samples onto
+    ``device``."""
+    model, meta = load_any_model(Path(model_path), device)
     trained_on = meta.get("dataset", {})
     name = data or trained_on.get("name")
     if name is None:
         raise DataError(f"{model_path}: the model file names no data set; pass --data")
-    size = image_size or trained_on.get("image_size") or 32
+    size = image_size or trained_on.get("image_size") or meta["network"].get("image_size") or 32
     splits = load_data(name, data_root, seed=seed, image_size=size)
     network = meta["network"]
     info = splits.info
@@ -60,6 +61,22 @@ def prepare(model_path: Path, *, data: Optional[str], data_root: Optional[Path],
     indices = sample_indices(len(splits.test), n, seed)
     x, y = collate(splits.test, indices, torch.device(device))
     return Evaluation(model, meta, x, y, indices, name)
+
+
+def load_any_model(path: Path, device: str = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
+    """A certnas model file with its metadata, or an ONNX classifier of images (``(1, C, H, H)`` input,
+    ``(1, K)`` output) converted and checked by ``verifiers.onnx_model``, with metadata of that shape."""
+    if path.suffix.lower() != ".onnx":
+        return load_model_with_meta(path, map_location=device)
+    from verifiers.onnx_model import load_onnx
+    loaded = load_onnx(path)
+    shape, out = loaded.input_shape, loaded.output_shape
+    if len(shape) != 4 or shape[2] != shape[3] or len(out) != 2:
+        raise DataError(f"{path}: certnas verify on a data set needs an image classifier with input (1, C, H, H) "
+                        f"and output (1, K); this model has input {shape} and output {out} (use --vnnlib)")
+    meta = {"network": {"in_channels": shape[1], "image_size": shape[2], "num_classes": out[1]},
+            "source": "onnx", "opset": loaded.opset, "onnxruntime_difference": loaded.runtime_difference}
+    return loaded.model.to(device), meta
 
 
 @torch.no_grad()

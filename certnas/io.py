@@ -16,7 +16,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 FORMAT = "certnas"
 VERSION = 1

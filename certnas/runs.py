@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from certnas import __version__
 from certnas.io import load_file, save_file
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 
 class RunFolderError(CertnasError):

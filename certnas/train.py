@@ -34,7 +34,7 @@ from certnas.runs import atomic_write_json, collate, environment, epoch_batches,
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
 from certnas.space.network import STEMS, NetworkConfig, build_network, odd_reduction
 from verifiers.bounds import parse_norm
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 logger = logging.getLogger(__name__)
 

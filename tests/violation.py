@@ -71,3 +71,33 @@ def max_violation(model, centre, eps, norm, lower, upper, *, samples=64, pgd_ste
         out = model(x).gather(1, logit.view(-1, 1)).squeeze(1)
         worst = max(worst, (side * (out - bound)).max().item())
     return worst
+
+
+def pgd_attack(model, x, y, eps, norm=math.inf, *, steps: int = 40, restarts: int = 2, seed: int = 0) -> torch.Tensor:
+    """A plain PGD on the cross entropy (the tests' own falsifier, independent of certnas): per sample,
+    the point of a restart that is misclassified, else x itself. eps: float or (B,)."""
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.as_tensor(eps, dtype=x.dtype).expand(x.shape[0]).clone()
+    view = (-1,) + (1,) * (x.dim() - 1)
+    best = x.clone()
+    with torch.enable_grad():  # callers may be inside no_grad
+        return _pgd_restarts(model, x, y, eps, norm, steps, restarts, generator, view, best)
+
+
+def _pgd_restarts(model, x, y, eps, norm, steps, restarts, generator, view, best):
+    for _ in range(restarts):
+        adv = project(x + (torch.rand(x.shape, generator=generator) * 2 - 1) * eps.view(view) * 0.5, x, eps, norm)
+        step = 2.5 * eps / steps
+        for _ in range(steps):
+            adv = adv.detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(adv), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, adv)
+            if norm == math.inf:
+                adv = adv + step.view(view) * grad.sign()
+            else:
+                adv = adv + step.view(view) * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            adv = project(adv, x, eps, norm)
+        with torch.no_grad():
+            wrong = model(adv).argmax(1) != y
+        best[wrong] = adv.detach()[wrong]
+    return best

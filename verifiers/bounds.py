@@ -2,9 +2,11 @@
 
 ``compute_bounds`` and ``margin_lower_bound`` take any ``torch.nn.Module`` built from supported
 layers (convolutions, linear layers, batch norm, ReLU, flatten, additions, concatenation,
-multiplication by a value that does not depend on the input, and the operations in
-``certnas.space.ops``). Native pooling layers are NOT supported (auto_LiRPA 0.3 bounds padded
-average pooling unsoundly and rejects stride-1 max pooling); use ``certnas.space.ops`` instead.
+multiplication by a value that does not depend on the input, and the layers in ``verifiers.layers``).
+Native pooling (``nn.AvgPool2d``, ``nn.MaxPool2d``, adaptive pooling with even windows), torchvision's
+``Normalize`` and constant arithmetic in an fx graph are rewritten into sound equivalents first
+(``verifiers.rewrite``; auto_LiRPA 0.3 bounds padded average pooling unsoundly and rejects stride-1 max
+pooling); the bounds are those of the rewritten network, whose outputs equal the model's.
 
 Inputs are in the model's input units (pixels in [0, 1]); for the L-inf norm the ball is
 intersected with [0, 1]. For L2 it is not (the full ball is a superset, so bounds stay sound).
@@ -16,12 +18,12 @@ import enum
 import math
 import warnings
 import weakref
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from verifiers import lirpa
+from verifiers import lirpa, rewrite
 from verifiers.errors import BoundInputError, UnsupportedModelError
 
 Eps = Union[float, torch.Tensor]
@@ -47,23 +49,35 @@ class BoundMethod(str, enum.Enum):
                 "alpha-crown": "CROWN-Optimized"}[self.value]
 
 
-def parse_norm(norm: Union[float, int, str]) -> float:
-    """``inf`` (or ``"inf"``, ``"linf"``) or ``2`` (``"2"``, ``"l2"``) -> ``math.inf`` or ``2.0``."""
+class Norm(float, enum.Enum):
+    """The norms of a perturbation ball. A float: ``Norm.LINF == math.inf`` and ``Norm.L2 == 2.0``."""
+    LINF = math.inf
+    L2 = 2.0
+
+    def __str__(self) -> str:
+        return "inf" if self is Norm.LINF else "2"
+
+
+def parse_norm(norm: Union[float, int, str, Norm]) -> Norm:
+    """``inf`` (or ``"inf"``, ``"linf"``, ``math.inf``) or ``2`` (``"2"``, ``"l2"``, ``2.0``) -> a ``Norm``."""
+    if isinstance(norm, Norm):
+        return norm
     text = str(norm).strip().lower()
     if text in ("inf", "linf", "l-inf"):
-        return math.inf
+        return Norm.LINF
     if text in ("2", "2.0", "l2"):
-        return 2.0
+        return Norm.L2
     raise BoundInputError(f"unsupported norm {norm!r}; supported norms: inf, 2")
 
 
 # Module types that are never bounded soundly here, with the replacement to use.
+# (verifiers.rewrite replaces them first; these are what remains when a copy was not rewritten)
 _REJECTED_MODULES = {
     nn.AvgPool2d: "auto_LiRPA 0.3 gives unsound CROWN bounds on padded average pooling; "
-                  "use certnas.space.ops.AvgPool3x3 or GlobalAvgPool",
-    nn.MaxPool2d: "auto_LiRPA 0.3 cannot bound stride-1 max pooling; use certnas.space.ops.MaxPool3x3",
-    nn.AdaptiveAvgPool2d: "use certnas.space.ops.GlobalAvgPool (a fixed convolution)",
-    nn.AdaptiveMaxPool2d: "global max pooling is not supported",
+                  "use verifiers.layers.AvgPool2d (or verifiers.rewrite.make_sound)",
+    nn.MaxPool2d: "auto_LiRPA 0.3 cannot bound stride-1 max pooling; use verifiers.layers.MaxPool2d",
+    nn.AdaptiveAvgPool2d: "use verifiers.layers.GlobalAvgPool or AvgPool2d (fixed convolutions)",
+    nn.AdaptiveMaxPool2d: "use verifiers.layers.MaxPool2d with a fixed window",
 }
 
 # Graph operations allowed on the input-dependent (perturbed) path. Everything here is either
@@ -160,15 +174,19 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     buffer_ids = tuple(id(b) for b in model.buffers())
     per_model = _CACHE.setdefault(model, {})
     hit = per_model.get(key)
+    if hit is not None and hit[2] != buffer_ids and hit[0]._certnas_rewritten:
+        hit = None  # a rewritten copy holds the old buffer tensors: rewrite again
     if hit is not None and hit[1] == param_ids:
         bounded = hit[0]
         if hit[2] != buffer_ids:
             _link_buffers(bounded, bounded._certnas_target)
             per_model[key] = (bounded, param_ids, buffer_ids)
         return bounded
-    check_supported_modules(model)
     dummy = torch.zeros((1,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype)
-    target = _ScaledInput(model) if scaled else model
+    # native pooling / normalisation / fx constant arithmetic: bound a sound copy sharing the parameters
+    sound = rewrite.make_sound(model, dummy) if rewrite.needs_rewrite(model) else model
+    check_supported_modules(sound)
+    target = _ScaledInput(sound) if scaled else sound
     args = (dummy, dummy, _scale_shape(torch.ones(1, device=x.device, dtype=x.dtype), x)) if scaled else (dummy,)
     was_training = model.training
     model.eval()  # trace in eval mode so batch norm with batch size 1 is well defined
@@ -180,6 +198,7 @@ def _bounded_module(model: nn.Module, x: torch.Tensor, scaled: bool, conv_mode: 
     finally:
         model.train(was_training)
     bounded._certnas_checked = False
+    bounded._certnas_rewritten = sound is not model
     for node in bounded._modules.values():
         if type(node).__name__ == "BoundBatchNormalization":
             node.momentum = 0.0  # computing bounds must not move the model's running statistics
@@ -239,7 +258,7 @@ def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tupl
 
 def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
            method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True, conv_mode: str = "patches",
-           sparse: bool = True):
+           sparse: bool = True, box: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     uniform = bool((eps_t == eps_t[0]).all())
     if norm != math.inf and not uniform and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP):
         # auto_LiRPA 0.3's IBP through the scaled-input wrapper below is unsound for L2 (it
@@ -249,9 +268,12 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
     bounded = _bounded_module(model, x, scaled, conv_mode)
     bounded.train(model.training)
     if norm == math.inf:
-        radius = eps_t.view(-1, *([1] * (x.dim() - 1)))
-        x_lower = (x - radius).clamp(0.0, 1.0)
-        x_upper = (x + radius).clamp(0.0, 1.0)
+        if box is not None:  # an explicit input box, not intersected with [0, 1]
+            x_lower, x_upper = box
+        else:
+            radius = eps_t.view(-1, *([1] * (x.dim() - 1)))
+            x_lower = (x - radius).clamp(0.0, 1.0)
+            x_upper = (x + radius).clamp(0.0, 1.0)
         perturbation = lirpa.PerturbationLpNorm(norm=math.inf, eps=float(eps_t.max()), x_L=x_lower, x_U=x_upper)
         inputs = (lirpa.BoundedTensor(x, perturbation),)
     elif not scaled:
@@ -342,6 +364,25 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, norm: Union[f
     if conv_mode not in ("patches", "matrix"):
         raise BoundInputError(f"unknown conv_mode {conv_mode!r}; known: patches, matrix")
     return _bound(model, x, eps_t, norm, method, conv_mode=conv_mode, sparse=sparse)
+
+
+def box_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, *, C: Optional[torch.Tensor] = None,
+               method: Union[str, BoundMethod] = "crown", sparse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sound bounds on ``C @ model(x)`` (or the outputs when C is None) over the box ``lower <= x <= upper``.
+
+    lower, upper: (B, ...) with lower <= upper, any finite values (not limited to [0, 1]); C: (B, S, K).
+    Returns ``(lower, upper)``, each (B, S) (or (B, K))."""
+    method = BoundMethod.parse(method)
+    if lower.shape != upper.shape or lower.dim() < 2:
+        raise BoundInputError(f"lower and upper must be batched tensors of one shape, got {tuple(lower.shape)} "
+                              f"and {tuple(upper.shape)}")
+    if not (torch.isfinite(lower).all() and torch.isfinite(upper).all()):
+        raise BoundInputError("the input box must be finite")
+    if (lower > upper).any():
+        raise BoundInputError("the input box is empty: some lower bound exceeds its upper bound")
+    centre = (lower + upper) / 2
+    radius = ((upper - lower) / 2).flatten(1).max(1).values
+    return _bound(model, centre, radius, math.inf, method, C=C, sparse=sparse, box=(lower, upper))
 
 
 def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:

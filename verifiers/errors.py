@@ -1,13 +1,13 @@
-"""Exceptions users can act on. The CLI turns them into one line on stderr and exit code 2."""
+"""Exceptions users can act on. A command-line front end turns them into one line on stderr and exit code 2."""
 
 
-class CertnasError(ValueError):
-    """Base class of errors caused by input, not by a bug."""
+class VerifierError(ValueError):
+    """Base class of the errors of ``verifiers`` caused by input, not by a bug."""
 
 
-class BoundInputError(CertnasError):
+class BoundInputError(VerifierError):
     """Bad arguments to a bound computation: eps, norm, method, shapes, NaN."""
 
 
-class UnsupportedModelError(CertnasError):
+class UnsupportedModelError(VerifierError):
     """The model contains a layer or operation the bound engine cannot bound soundly."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from verifiers.errors import BoundInputError, UnsupportedModelError
+from verifiers.rewrite import sound_view
 
 __all__ = ["Interval", "MarginBounds", "interval_margins", "interval_logit_bounds"]
 
@@ -456,6 +457,8 @@ def interval_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, e
     """
     if x.dim() < 2 or y.shape != (x.shape[0],):
         raise BoundInputError(f"x must be (B, ...) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if forward is None:
+        model = sound_view(model, x)  # native pooling and the like, rewritten (verifiers.rewrite)
     start = Interval.from_ball(x, eps)
     out = (forward or model)(start)
     auxiliary = None
@@ -499,7 +502,7 @@ def interval_logit_bounds(model: torch.nn.Module, x: torch.Tensor, eps: Union[fl
                           crown_ibp: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sound ``(lower, upper)`` bounds, each (B, K), on the logits over the L-inf ball of radius eps
     around x (intersected with [0, 1]), by IBP or CROWN-IBP (two back-substitutions, +-identity rows)."""
-    out = model(Interval.from_ball(x, eps))
+    out = sound_view(model, x)(Interval.from_ball(x, eps))
     if not isinstance(out, Interval):
         raise UnsupportedModelError("interval bounds: the model's output does not depend on its input")
     if not crown_ibp:

@@ -1,9 +1,9 @@
 """Exact verification of small ReLU networks by mixed-integer linear programming (scipy / HiGHS).
 
-Supported: an ``nn.Sequential`` (nested Sequentials are flattened) of affine layers (Linear,
-Conv2d, eval-mode BatchNorm, Flatten, Identity, and modules that declare ``is_affine = True``) and
-ReLU.
-The L-inf ball intersected with [0, 1] only. This module does not use auto_LiRPA: its big-M
+Supported: an ``nn.Sequential`` (nested Sequentials are flattened) or an fx graph that is a chain of
+modules (a converted ONNX file) of affine layers (Linear, Conv2d, eval-mode BatchNorm, Flatten,
+Identity, and modules that declare ``is_affine = True``) and ReLU.
+The L-inf ball intersected with [0, 1] (``exact_margin``) or any box (``exact_minimum``). This module does not use auto_LiRPA: its big-M
 constants come from its own float64 interval arithmetic, so it is an independent check of the
 bound engine.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.fx
 import torch.nn as nn
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix, identity, vstack
@@ -31,6 +32,7 @@ class MilpResult:
     margin: float | None
     optimal: bool
     message: str
+    x: Optional[np.ndarray] = None  # the minimiser's input (flattened), when solved
 
 
 def _affine_like(module: nn.Module) -> bool:
@@ -39,9 +41,29 @@ def _affine_like(module: nn.Module) -> bool:
     return isinstance(module, _AFFINE_TYPES) or getattr(module, "is_affine", False) is True
 
 
+def _fx_chain(model: "torch.fx.GraphModule") -> Optional[List[nn.Module]]:
+    """The modules of an fx graph that is a plain chain (each module applied to the previous output)."""
+    chain, previous = [], None
+    for node in model.graph.nodes:
+        if node.op == "placeholder" and previous is None:
+            previous = node
+        elif node.op == "call_module" and node.args == (previous,) and not node.kwargs:
+            chain.append(model.get_submodule(node.target))
+            previous = node
+        elif node.op == "output" and node.args == (previous,):
+            return chain
+        else:
+            return None
+    return None
+
+
 def _flatten(model: nn.Module) -> List[nn.Module]:
     if isinstance(model, nn.Sequential):
         return [leaf for child in model for leaf in _flatten(child)]
+    if isinstance(model, torch.fx.GraphModule):  # e.g. a network converted from ONNX
+        chain = _fx_chain(model)
+        if chain is not None:
+            return [leaf for child in chain for leaf in _flatten(child)]
     return [model]
 
 
@@ -130,6 +152,22 @@ def exact_margin(model: nn.Module, x: torch.Tensor, y: int, eps: float, *, time_
     return best
 
 
+def exact_minimum(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, c: np.ndarray, *,
+                  time_limit: float = 60.0, max_relus: int = 2000) -> MilpResult:
+    """Exact ``min c @ model(x)`` over the box ``lower <= x <= upper`` (one input without batch dimension;
+    ``c``: one coefficient per output). ``margin`` of the result holds the minimum."""
+    layers = relu_layers(model, tuple(lower.shape))
+    relus = sum(len(b) for _, b in layers[:-1])
+    if relus > max_relus:
+        raise UnsupportedModelError(f"network has {relus} ReLUs; MILP is limited to {max_relus}")
+    low = lower.detach().double().flatten().numpy()
+    high = upper.detach().double().flatten().numpy()
+    c = np.asarray(c, dtype=np.float64)
+    if c.shape != (layers[-1][0].shape[0],):
+        raise BoundInputError(f"c must hold one coefficient per output ({layers[-1][0].shape[0]}), got {c.shape}")
+    return _solve(layers, _interval(layers, low, high), low, high, c, time_limit)
+
+
 def _solve(layers, pre_bounds, lower, upper, c, time_limit) -> MilpResult:
     # Variables: x (n0), then per hidden layer: z (pre), a (post), d (binary).
     blocks_lb, blocks_ub, integrality = [lower], [upper], [np.zeros(len(lower))]
@@ -170,7 +208,7 @@ def _solve(layers, pre_bounds, lower, upper, c, time_limit) -> MilpResult:
                   options={"time_limit": time_limit, "mip_rel_gap": 0.0})
     if result.status != 0 or result.x is None:
         return MilpResult(None, False, result.message)
-    return MilpResult(float(result.fun) + constant, True, "optimal")
+    return MilpResult(float(result.fun) + constant, True, "optimal", np.asarray(result.x[:len(lower)]))
 
 
 def _place(block, start: int, total: int, extra=()):

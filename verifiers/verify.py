@@ -33,8 +33,37 @@ from verifiers.bounds import BoundMethod, margin_lower_bound, parse_norm
 from verifiers.errors import BoundInputError, UnsupportedModelError
 
 Falsifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown", "milp")
+
+
+@dataclass(frozen=True)
+class VerificationMethod:
+    """A method of this runner. exact: its margin is the true minimum (a negative one falsifies);
+    full_backsubstitution: a bound per ReLU neuron by back-substitution, so its cost grows with the
+    network (``crown_max_relus``, smaller batches); bound: the ``verifiers.bounds`` method, if any."""
+    name: str
+    exact: bool = False
+    full_backsubstitution: bool = False
+    bound: Optional[BoundMethod] = None
+
+
+# the registry, in cascade order (cheap to strong)
+REGISTRY: Dict[str, VerificationMethod] = {m.name: m for m in (
+    VerificationMethod("ibp", bound=BoundMethod.IBP),
+    VerificationMethod("crown-ibp", bound=BoundMethod.CROWN_IBP),
+    VerificationMethod("crown", full_backsubstitution=True, bound=BoundMethod.CROWN),
+    VerificationMethod("alpha-crown", full_backsubstitution=True, bound=BoundMethod.ALPHA_CROWN),
+    VerificationMethod("milp", exact=True),
+)}
+METHODS = tuple(REGISTRY)
 CASCADE_ORDER = METHODS
+
+
+def get_method(name: str) -> VerificationMethod:
+    """The registered method called ``name``; BoundInputError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise BoundInputError(f"unknown method {name!r}; known: {', '.join(METHODS)}, all") from None
 
 
 class Status(str, enum.Enum):
@@ -71,9 +100,8 @@ def parse_methods(text: str) -> List[str]:
     if text.strip() == "all":
         return list(CASCADE_ORDER)
     methods = [part.strip() for part in text.split(",") if part.strip()]
-    for method in methods:
-        if method not in METHODS:
-            raise BoundInputError(f"unknown method {method!r}; known: {', '.join(METHODS)}, all")
+    for name in methods:
+        get_method(name)
     if not methods:
         raise BoundInputError("no method given")
     return methods
@@ -103,7 +131,7 @@ def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: 
     """Full CROWN computes a bound for every ReLU input by its own back-substitution, so its cost grows
     with the number of ReLU neurons times the depth: refuse networks beyond ``max_relus`` ReLU
     neurons (0: no limit)."""
-    if method not in ("crown", "alpha-crown") or max_relus <= 0:
+    if not REGISTRY[method].full_backsubstitution or max_relus <= 0:
         return
     count = relu_neurons(model, x)
     if count > max_relus:
@@ -121,7 +149,7 @@ CROWN_BATCH_RELUS = 20000
 
 def method_batch_size(model: nn.Module, x: torch.Tensor, method: str, batch_size: int) -> int:
     """``batch_size``, made smaller for crown / alpha-crown on large networks (CROWN_BATCH_RELUS)."""
-    if method not in ("crown", "alpha-crown"):
+    if not REGISTRY[method].full_backsubstitution:
         return batch_size
     return max(1, min(batch_size, CROWN_BATCH_RELUS // max(1, relu_neurons(model, x))))
 
@@ -168,11 +196,11 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
                batch_size: int = 64, milp_time_limit: float = 60.0, milp_max_relus: int = 2000,
                progress: Optional[Callable[[int], None]] = None) -> List[Optional[float]]:
     """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit)."""
-    if method == "milp":
+    if REGISTRY[method].exact:
         return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
     out: List[Optional[float]] = []
     batch_size = method_batch_size(model, x, method, batch_size)
-    with torch.no_grad() if BoundMethod.parse(method) is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
+    with torch.no_grad() if REGISTRY[method].bound is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             bound = margin_lower_bound(model, x[part], y[part], eps[part], norm=norm, method=method)
@@ -212,7 +240,7 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         prediction = model(x).argmax(1)
     results: List[SampleResult] = []
     for method in methods:
-        if method == "milp":
+        if REGISTRY[method].exact:
             check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
         check_crown_size(model, x, method, crown_max_relus)
         began = time.perf_counter()
@@ -223,7 +251,7 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         guard(model, x, y, eps_t, certified, method, indices, falsifier)
         for i, margin in enumerate(margins):
             status = (Status.CERTIFIED if margin is not None and margin > 0 else
-                      Status.FALSIFIED if method == "milp" and margin is not None and margin < 0 else Status.UNKNOWN)
+                      Status.FALSIFIED if REGISTRY[method].exact and margin is not None and margin < 0 else Status.UNKNOWN)
             results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method, status, margin, None, seconds))
     return results
 
@@ -257,7 +285,7 @@ def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, n
     for method in methods:
         if not undecided:
             break
-        if method == "milp" and not milp_supported(model, x.shape[1:], norm, milp_max_relus):
+        if REGISTRY[method].exact and not milp_supported(model, x.shape[1:], norm, milp_max_relus):
             continue
         if not crown_feasible(model, x, method, crown_max_relus):
             continue
@@ -273,7 +301,7 @@ def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, n
             if margin is not None and margin > 0:
                 final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.CERTIFIED, margin,
                                         None, seconds)
-            elif method == "milp" and margin is not None and margin < 0:
+            elif REGISTRY[method].exact and margin is not None and margin < 0:
                 final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.FALSIFIED, margin,
                                         None, seconds)
         undecided = [i for i in undecided if i not in final]
@@ -324,7 +352,7 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
     for method in methods:
         check_crown_size(model, x, method, crown_max_relus)
         began = time.perf_counter()
-        if method == "milp":
+        if REGISTRY[method].exact:
             check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
             # the exact radius lies below any attack radius: bisect on [0, attack radius]
             upper = (attack_radius(model, x, y, falsifier, eps_max=eps_max, steps=steps) if falsifier is not None

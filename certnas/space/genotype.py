@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from certnas.space.ops import OPS, PRIMITIVES
-from verifiers.errors import CertnasError
+from certnas.errors import CertnasError
 
 Edge = Tuple[str, int]
 

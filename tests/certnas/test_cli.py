@@ -175,3 +175,33 @@ def test_train_on_imagenet_files_with_the_imagenet_stem_reports_top5(tmp_path):
     assert meta["network"]["stem"] == "imagenet" and model.stem1 is not None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_acc"] <= summary["test_top5_acc"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_sits_between_defaults_and_flags(tmp_path, suffix):
+    settings = {"network": "mlp", "hidden": "8", "mode": "standard", "epochs": 3, "train-limit": 64, "lr": 0.01}
+    path = tmp_path / f"settings{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["-q", "train", "--config", str(path), "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "config.json").read_text())
+    assert written["epochs"] == 1                      # the flag wins over the file
+    assert written["network"] == "mlp" and written["train_limit"] == 64 and written["lr"] == 0.01  # the file wins over defaults
+    from certnas.train import TrainConfig
+    assert written["batch_size"] == TrainConfig().batch_size  # untouched settings keep their defaults
+
+
+@pytest.mark.parametrize("text,match", [('{"epoch": 2}', "unknown setting 'epoch' for 'certnas train'; did you mean '--epochs'"),
+                                        ('{"epochs": "many"}', "epochs: 'many' is not a valid integer"),
+                                        ('[1, 2]', "expected a mapping"),
+                                        ('{"epochs": 2', "not valid JSON")])
+def test_bad_config_files_are_one_line_and_exit_code_2(tmp_path, text, match):
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and match in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from certnas.space.ops import AvgPool3x3, GlobalAvgPool
-from tests.nets import randomise_batch_norm
+from verifiers.layers import AvgPool3x3, GlobalAvgPool
+from tests.verifiers.nets import randomise_batch_norm
 from verifiers.bounds import margin_lower_bound
 
 

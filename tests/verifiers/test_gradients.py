@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.nets import op_net
+from tests.verifiers.nets import op_net
 from verifiers.bounds import margin_lower_bound
 
 

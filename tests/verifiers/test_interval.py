@@ -1,7 +1,6 @@
 """The plain-PyTorch IBP / CROWN-IBP engine, checked without trusting it: against auto_LiRPA's bounds
 (an independent implementation of the same relaxations), against sampled and PGD-searched points, and
 against the exact MILP minimum on tiny networks."""
-import dataclasses
 import math
 
 import pytest
@@ -9,11 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from certnas.data import INFO
-from certnas.space import PRIMITIVES
-from certnas.space.genotype import NAMED
-from certnas.space.network import NetworkConfig, build_network
-from tests.nets import op_net, randomise_batch_norm
+from tests.verifiers.nets import OPERATIONS, op_net
 from tests.violation import max_violation
 from verifiers.bounds import compute_bounds, margin_lower_bounds
 from verifiers.errors import UnsupportedModelError
@@ -34,7 +29,7 @@ def _inputs(seed=1, batch=2, size=8):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
 def test_margins_equal_auto_lirpa_ibp_and_crown_ibp_on_every_operation(op, stride):
     net = op_net(op, stride, seed=stride)
     x, y = _inputs(), torch.tensor([0, 3])
@@ -47,7 +42,7 @@ def test_margins_equal_auto_lirpa_ibp_and_crown_ibp_on_every_operation(op, strid
 
 @pytest.mark.parametrize("crown_ibp", [False, True], ids=["ibp", "crown-ibp"])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
 def test_logit_bounds_contain_every_sampled_and_attacked_output(op, stride, crown_ibp):
     net = op_net(op, stride, seed=stride)
     x = _inputs()
@@ -58,59 +53,6 @@ def test_logit_bounds_contain_every_sampled_and_attacked_output(op, stride, crow
     assert violation <= tolerance, f"{op} s{stride}: violated by {violation:.3g}"
     reference = compute_bounds(net, x, EPS, method="crown-ibp" if crown_ibp else "ibp")
     assert _relative(lower, reference[0]) < 1e-5 and _relative(upper, reference[1]) < 1e-5
-
-
-def _darts(genotype: str, layers: int = 3, channels: int = 4, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    info = INFO["mnist-embedded"]
-    config = NetworkConfig(kind="darts", in_channels=1, image_size=28, num_classes=10, mean=info.mean, std=info.std,
-                           genotype=NAMED[genotype].to_dict(), layers=layers, init_channels=channels)
-    net = build_network(config)
-    with torch.no_grad():
-        randomise_batch_norm(net, torch.Generator().manual_seed(seed))
-    return net
-
-
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("genotype", ["PC_DARTS"])
-def test_darts_networks_match_auto_lirpa_in_both_batch_norm_modes(genotype, training):
-    net = _darts(genotype).train(training)
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.rand(6, 1, 28, 28, generator=g), torch.randint(0, 10, (6,), generator=g)
-    before = [b.clone() for b in net.buffers()]
-    bounds = interval_margins(net, x, y, 0.002, crown_ibp=True)
-    after_engine = [b.clone() for b in net.buffers()]
-    assert _relative(bounds.ibp, margin_lower_bounds(net, x, y, 0.002, method="ibp")) < 1e-5
-    assert _relative(bounds.crown_ibp, margin_lower_bounds(net, x, y, 0.002, method="crown-ibp")) < 1e-5
-    if training:  # the bound pass updates batch-norm statistics exactly as one clean forward pass does
-        with torch.no_grad():
-            for b, old in zip(net.buffers(), before):
-                b.copy_(old)
-            net(x)
-        for b, engine in zip(net.buffers(), after_engine):
-            assert torch.allclose(b, engine)
-
-
-@pytest.mark.parametrize("genotype", ["DARTS_V1", "DARTS_V2"])
-def test_duplicated_operations_on_one_input_are_never_tighter_than_auto_lirpa(genotype):
-    """The DARTS cells' reductions apply max_pool_3x3 to one input two or three times. auto_LiRPA's
-    graph optimiser merges the copies into one (tighter) relaxation; this engine relaxes each copy,
-    which is sound and never tighter."""
-    net = _darts(genotype).eval()
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.rand(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
-    mine = interval_margins(net, x, y, 0.002, crown_ibp=True).crown_ibp
-    reference = margin_lower_bounds(net, x, y, 0.002, method="crown-ibp")
-    assert (mine <= reference + 1e-5 * (1 + reference.abs().max())).all()
-
-
-@pytest.mark.parametrize("crown_ibp", [False, True], ids=["ibp", "crown-ibp"])
-def test_darts_network_bounds_hold_at_sampled_and_attacked_points(crown_ibp):
-    net = _darts("PC_DARTS", seed=1).eval()
-    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
-    lower, upper = interval_logit_bounds(net, x, 0.004, crown_ibp=crown_ibp)
-    tolerance = 1e-5 * (1 + max(lower.abs().max().item(), upper.abs().max().item()))
-    assert max_violation(net, x, 0.004, math.inf, lower.detach(), upper.detach(), samples=24, pgd_steps=15) <= tolerance
 
 
 def _tiny_mlp(seed):

@@ -38,7 +38,7 @@ def test_bounded_module_named_parameters():
 
 def test_patches_and_matrix_mode_agree_on_per_position_constants():
     """Patch 6 unfolds a per-position factor into patches; it must equal the dense product."""
-    from tests.nets import op_net
+    from tests.verifiers.nets import op_net
     net = op_net("max_pool_3x3", 2, seed=1)
     x = torch.rand(2, 1, 8, 8)
     results = []
@@ -51,7 +51,7 @@ def test_patches_and_matrix_mode_agree_on_per_position_constants():
 
 
 def test_bounding_leaves_requires_grad_alone():
-    from tests.nets import op_net
+    from tests.verifiers.nets import op_net
     from verifiers.bounds import compute_bounds
     net = op_net("sep_conv_3x3", 1)  # eval mode
     compute_bounds(net, torch.rand(2, 1, 8, 8), 0.05, method="ibp")
@@ -59,7 +59,7 @@ def test_bounding_leaves_requires_grad_alone():
 
 
 def test_first_bound_call_keeps_earlier_graphs_usable():
-    from tests.nets import op_net
+    from tests.verifiers.nets import op_net
     from verifiers.bounds import margin_lower_bound
     net = op_net("mixed", 1, seed=7)
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])

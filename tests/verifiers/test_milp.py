@@ -42,9 +42,9 @@ def test_margin_lower_bound_never_exceeds_milp_optimum(kind, seed, eps):
             assert bound[i].item() <= exact.margin + 1e-5 * (1 + abs(exact.margin)), (method, i)
 
 
-def test_milp_encodes_certnas_fixed_linear_ops_exactly():
+def test_milp_encodes_the_fixed_linear_layers_exactly():
     """Average pooling (rewritten), global pooling: the MILP sees the same function as torch."""
-    from certnas.space.ops import AvgPool3x3, GlobalAvgPool
+    from verifiers.layers import AvgPool3x3, GlobalAvgPool
     from verifiers.milp import relu_layers
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), AvgPool3x3(2, 2), GlobalAvgPool(), nn.Linear(2, 3)).eval()

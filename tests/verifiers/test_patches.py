@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from certnas.space import PRIMITIVES
-from tests.nets import op_net, randomise_batch_norm
+from tests.verifiers.nets import OPERATIONS, op_net
 from tests.violation import max_violation
 from verifiers import lirpa
 from verifiers.bounds import BoundMethod, compute_bounds, margin_lower_bound, margin_specification
@@ -31,7 +30,7 @@ def _inputs(seed=1, batch=2, size=8):
 @pytest.mark.parametrize("norm,sparse", [(math.inf, True), (math.inf, False), (2.0, False)],
                          ids=["linf-sparse", "linf-dense", "l2"])  # (sparse is L-inf only)
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
 def test_patches_mode_crown_equals_matrix_mode_on_every_operation(op, stride, norm, sparse):
     net = op_net(op, stride, seed=stride)
     x = _inputs()
@@ -85,23 +84,6 @@ def compute_bounds_with_spec(net, x, eps, spec):
     return lower.min(dim=1).values
 
 
-def test_sparse_crown_skips_the_neurons_ibp_proves_stable_and_stays_sound_on_a_trained_like_network():
-    """With a small eps most neurons are stable: sparse CROWN back-substitutes only the others. Its
-    bounds equal matrix mode's (the same neurons are skipped there) and hold on sampled points."""
-    from tests.verifiers.test_interval import _darts
-    net = _darts("DARTS_V2", layers=2, channels=4, seed=4).eval()
-    x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(4))
-    sparse = compute_bounds(net, x, 0.001, method="crown")
-    matrix = compute_bounds(net, x, 0.001, method="crown", conv_mode="matrix")
-    dense = compute_bounds(net, x, 0.001, method="crown", sparse=False)
-    assert _relative(sparse[0], matrix[0]) < 1e-5 and _relative(sparse[1], matrix[1]) < 1e-5
-    assert not torch.equal(sparse[0], dense[0])  # the option changes the computation
-    for lower, upper in (sparse, dense):
-        tolerance = 1e-5 * (1 + max(lower.abs().max().item(), upper.abs().max().item()))
-        assert max_violation(net, x, 0.001, math.inf, lower.detach(), upper.detach(), samples=24,
-                             pgd_steps=15) <= tolerance
-
-
 def test_without_patch_12_a_depthwise_convolution_gets_bounds_that_sampled_points_violate(monkeypatch):
     """The bug the patch fixes, shown: the original backward gives a depthwise convolution wrong,
     violated patches-mode bounds; with the patch they equal matrix mode and hold."""
@@ -129,17 +111,6 @@ def test_dense_kernel_is_the_same_convolution():
         dense = lirpa.dense_kernel(conv.weight, groups, dilation)
         expected = conv(x)
         assert torch.allclose(nn.functional.conv2d(x, dense, stride=stride, padding=padding), expected, atol=1e-5)
-
-
-def test_crown_runs_on_a_darts_network_in_patches_mode_and_is_sound():
-    from tests.verifiers.test_interval import _darts
-    net = _darts("PC_DARTS", layers=2, channels=4, seed=2).eval()
-    x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(2))
-    lower, upper = compute_bounds(net, x, 0.002, method="crown")
-    crown_ibp = compute_bounds(net, x, 0.002, method="crown-ibp")
-    assert (lower >= crown_ibp[0] - 1e-4).all() and (upper <= crown_ibp[1] + 1e-4).all()  # CROWN is tighter
-    tolerance = 1e-5 * (1 + max(lower.abs().max().item(), upper.abs().max().item()))
-    assert max_violation(net, x, 0.002, math.inf, lower.detach(), upper.detach(), samples=24, pgd_steps=15) <= tolerance
 
 
 def _brute_force_matrix(pieces, shape, stride, padding):

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from certnas.space import PRIMITIVES
-from tests.nets import op_net
+from tests.verifiers.nets import OPERATIONS, op_net
 from tests.violation import max_violation
 from verifiers.bounds import compute_bounds
 
@@ -28,7 +27,7 @@ def _inputs(seed=1, batch=2, channels=1, size=8):
 @pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("op", list(PRIMITIVES) + ["mixed"])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
 def test_bounds_contain_every_sampled_and_attacked_output(op, stride, method, norm):
     net = op_net(op, stride, seed=stride)
     x = _inputs()

@@ -1,14 +1,13 @@
 """The verification runner: radii never above the exact MILP radius, monotone in eps, cascade statuses,
 and the soundness guard stops on a false certificate."""
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from certnas.attacks import PGD
+from tests.violation import pgd_attack
 from verifiers import verify as verify_module
-from verifiers.errors import UnsupportedModelError
+from verifiers.errors import BoundInputError, UnsupportedModelError
 from verifiers.verify import (SoundnessError, Status, attack_radius, cascade, parse_methods, radii, relu_neurons,
                               verify_methods)
 
@@ -26,7 +25,7 @@ def _tiny(seed: int):
 def _falsifier(model):
     def attack(x, y, eps):
         torch.manual_seed(0)
-        return PGD(model, eps, math.inf, steps=40, restarts=2)(x, y)
+        return pgd_attack(model, x, y, eps, steps=40, restarts=2)
     return attack
 
 
@@ -121,3 +120,20 @@ def test_crown_bounds_fewer_samples_at_once_on_large_networks_with_the_same_resu
     apart = verify_methods(model, x, y, 0.05, methods=["crown"])
     assert calls == [2, 2, 2]
     assert [r.margin_bound for r in apart] == pytest.approx([r.margin_bound for r in together], abs=1e-5)
+
+
+def test_norms_and_methods_are_closed_sets():
+    import math as _math
+    from verifiers.bounds import BoundMethod, Norm, parse_norm
+    from verifiers.verify import METHODS, REGISTRY, get_method
+    assert parse_norm("linf") is Norm.LINF and parse_norm(2) is Norm.L2 and parse_norm(Norm.L2) is Norm.L2
+    assert Norm.LINF == _math.inf and str(Norm.L2) == "2"
+    with pytest.raises(BoundInputError, match="supported norms: inf, 2"):
+        parse_norm("l1")
+    assert METHODS == ("ibp", "crown-ibp", "crown", "alpha-crown", "milp")  # the cascade order
+    assert {m.bound for m in REGISTRY.values() if m.bound is not None} == set(BoundMethod)
+    assert [m.name for m in REGISTRY.values() if m.exact] == ["milp"]
+    with pytest.raises(BoundInputError, match="known: ibp, crown-ibp, crown, alpha-crown, milp, all"):
+        get_method("crwn")
+    with pytest.raises(BoundInputError, match="unknown method 'crwn'"):
+        parse_methods("ibp,crwn")
