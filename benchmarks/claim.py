@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks.common import cached_stage, config_hash, environment, write_json
 from certnas.attack_eval import AttackConfig, run_attacks
-from certnas.runs import atomic_write_text
+from certnas.files import atomic_write_text
 from certnas.search import SearchConfig, search
 from certnas.space.genotype import random_genotype
 from certnas.train import TrainConfig, train

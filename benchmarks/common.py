@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from certnas.runs import atomic_write_json as write_json  # noqa: F401  (re-exported for benchmarks)
-from certnas.runs import environment  # noqa: F401
+from certnas.files import atomic_write_json as write_json  # noqa: F401  (re-exported for benchmarks)
+from certnas.files import environment  # noqa: F401
 
 
 def interleaved_medians(tasks: Dict[str, Callable[[], None]], repeats: int, warmup: int,

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from benchmarks.common import cached_stage, config_hash
 from certnas.attack_eval import AttackConfig, run_attacks
-from certnas.runs import atomic_write_json, atomic_write_text, environment
+from certnas.files import atomic_write_json, atomic_write_text, environment
 from certnas.search import SearchConfig, search
 from certnas.train import TrainConfig, train
 from certnas.verify_run import VerifyConfig, run_verify

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from certnas.attacks import ATTACKS
 from certnas.config import ConfigError
 from certnas.evaluation import Evaluation, predict, prepare
-from certnas.runs import atomic_write_json, atomic_write_text, environment
+from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
 
 ATTACK_NAMES = tuple(ATTACKS)

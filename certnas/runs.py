@@ -7,14 +7,8 @@ had, so an interrupted run ends exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
-import os
-import platform
 import random
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -23,38 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from certnas import __version__
+from certnas.files import atomic_write_json, environment, write_history
 from certnas.io import load_file, save_file
 from certnas.errors import CertnasError
 
 
 class RunFolderError(CertnasError):
     """An output folder that cannot be used as asked."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temp, path)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def environment() -> Dict[str, str]:
-    from verifiers.lirpa import AUTO_LIRPA_VERSION
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"certnas": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION, "git_commit": commit,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
 def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> Path:
@@ -125,19 +94,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     python_state = json.loads(state["python"])
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-
-
-def write_history(path: Path, rows: List[Dict[str, Any]]) -> None:
-    columns: List[str] = []
-    for row in rows:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, limit: int = 0) -> List[torch.Tensor]:

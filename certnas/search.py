@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.metrics import METRICS, MetricConfig, robustness
-from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
+from certnas.files import atomic_write_json, environment
+from certnas.runs import collate, epoch_batches, run_epochs, start_run
 from certnas.space.network import STEMS
 from certnas.space.supernet import SearchNetwork
 from certnas.train import (TrainConfig, TrainingDivergedError, check_even_reductions, ibp_initialise, make_optimizer,

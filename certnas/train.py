@@ -30,7 +30,8 @@ from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.data import DataInfo
 from certnas.io import save_model
-from certnas.runs import atomic_write_json, collate, environment, epoch_batches, run_epochs, start_run
+from certnas.files import atomic_write_json, environment
+from certnas.runs import collate, epoch_batches, run_epochs, start_run
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
 from certnas.space.network import STEMS, NetworkConfig, build_network, odd_reduction
 from verifiers.bounds import parse_norm

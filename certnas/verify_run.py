@@ -17,7 +17,7 @@ from tqdm import tqdm
 from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.evaluation import predict, prepare
-from certnas.runs import atomic_write_json, atomic_write_text, environment
+from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
 from verifiers.verify import (METHODS, Status, attack_radius, cascade, crown_feasible, milp_supported, parse_methods,
                               radii, summarize, verify_methods)

@@ -14,7 +14,7 @@ import torch
 
 from certnas.config import ConfigError
 from certnas.io import load_model_with_meta
-from certnas.runs import atomic_write_text
+from certnas.files import atomic_write_text
 from verifiers.verify import METHODS
 from verifiers.vnn import VnnResult, check_property
 from verifiers.vnnlib import VnnlibError, parse_vnnlib
@@ -50,6 +50,8 @@ def run_vnnlib(config: VnnConfig, model_path: Path, vnnlib_path: Path, result_fi
         from verifiers.onnx_model import load_onnx
         loaded = load_onnx(model_path, lower=torch.as_tensor(prop.lower), upper=torch.as_tensor(prop.upper))
         model, shape, outputs = loaded.model, loaded.input_shape, int(torch.tensor(loaded.output_shape).prod())
+        if len(loaded.output_shape) != 2:  # bounds take a specification over a flat output: Y_i in C order
+            model = torch.nn.Sequential(model, torch.nn.Flatten())
         confirm = loaded.run_runtime
         if log is not None:
             log(f"{model_path}: opset {loaded.opset}, input {shape}, output {loaded.output_shape}; "

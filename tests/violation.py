@@ -33,6 +33,15 @@ def random_points(centre: torch.Tensor, eps: torch.Tensor, norm: float, count: i
     return centre + direction * (radius * eps).view(count, -1, *([1] * (centre.dim() - 1)))
 
 
+def ascent_step(x: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, norm: float) -> torch.Tensor:
+    """One steepest-ascent step of per-sample length ``step`` (B,): the gradient's sign for L-inf, its
+    direction for L2."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    if norm == math.inf:
+        return x + step.view(view) * grad.sign()
+    return x + step.view(view) * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+
+
 def max_violation(model, centre, eps, norm, lower, upper, *, samples=64, pgd_steps=30, seed=0) -> float:
     """Largest amount by which any found output leaves [lower, upper] (0 if none does).
 
@@ -55,18 +64,13 @@ def max_violation(model, centre, eps, norm, lower, upper, *, samples=64, pgd_ste
     bound = torch.stack([lower, upper], dim=1).reshape(batch, -1).flatten()
     x = project(centre_rep + 0.001 * torch.randn(centre_rep.shape, generator=generator), centre_rep, eps_rep, norm)
     step = 2.5 * eps_rep / pgd_steps
-    view = (-1,) + (1,) * (centre.dim() - 1)
     for _ in range(pgd_steps):
         x = x.detach().requires_grad_(True)
         out = model(x).gather(1, logit.view(-1, 1)).squeeze(1)
         violation = side * (out - bound)  # > 0 means the bound is broken
         worst = max(worst, violation.max().item())
         grad, = torch.autograd.grad(violation.sum(), x)
-        if norm == math.inf:
-            x = x + step.view(view) * grad.sign()
-        else:
-            x = x + step.view(view) * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-        x = project(x, centre_rep, eps_rep, norm)
+        x = project(ascent_step(x, grad, step, norm), centre_rep, eps_rep, norm)
     with torch.no_grad():
         out = model(x).gather(1, logit.view(-1, 1)).squeeze(1)
         worst = max(worst, (side * (out - bound)).max().item())
@@ -92,11 +96,7 @@ def _pgd_restarts(model, x, y, eps, norm, steps, restarts, generator, view, best
             adv = adv.detach().requires_grad_(True)
             loss = torch.nn.functional.cross_entropy(model(adv), y, reduction="sum")
             grad, = torch.autograd.grad(loss, adv)
-            if norm == math.inf:
-                adv = adv + step.view(view) * grad.sign()
-            else:
-                adv = adv + step.view(view) * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-            adv = project(adv, x, eps, norm)
+            adv = project(ascent_step(adv, grad, step, norm), x, eps, norm)
         with torch.no_grad():
             wrong = model(adv).argmax(1) != y
         best[wrong] = adv.detach()[wrong]

@@ -73,13 +73,21 @@ class OpNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
         self.mixed = op == "mixed"
         if self.mixed:
-            self.op = Mixed(channels, stride)
-            self.arch = nn.Parameter(torch.randn(1, len(OPERATIONS)))
+            self.op, count = self.mixed_operation(channels, stride)
+            self.arch = nn.Parameter(torch.randn(1, count))
         else:
-            self.op = OPS[op](channels, stride)
+            self.op = self.operation(op, channels, stride)
         self.relu = nn.ReLU()
         self.pool = layers.GlobalAvgPool()
         self.head = nn.Linear(channels, classes)
+
+    @staticmethod
+    def operation(op: str, channels: int, stride: int) -> nn.Module:
+        return OPS[op](channels, stride)
+
+    @staticmethod
+    def mixed_operation(channels: int, stride: int):
+        return Mixed(channels, stride), len(OPERATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
@@ -87,9 +95,9 @@ class OpNet(nn.Module):
         return self.head(self.pool(self.relu(h)))
 
 
-def op_net(op: str, stride: int, seed: int = 0, **kwargs) -> OpNet:
+def op_net(op: str, stride: int, seed: int = 0, network: type = OpNet, **kwargs) -> OpNet:
     torch.manual_seed(seed)
-    net = OpNet(op, stride, **kwargs)
+    net = network(op, stride, **kwargs)
     with torch.no_grad():
         randomise_batch_norm(net, torch.Generator().manual_seed(seed))
     return net.eval()
