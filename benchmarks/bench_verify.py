@@ -6,7 +6,8 @@ radius bisection as a speed-up over a per-sample bisection loop, measured in the
 Reference models (untrained weights; speed does not depend on them): the default DARTS network of
 ``certnas train`` (PC_DARTS cell; cells and channels from ``TrainConfig``, ``--layers`` /
 ``--init-channels``; 28x28) for ibp / crown-ibp, and a 784-128-128-10
-MLP for crown / alpha-crown / milp. Target (issue 5): batched bisection >= 5x the per-sample loop.
+MLP for crown / alpha-crown / milp; full CROWN and alpha-CROWN on the DARTS network too, on
+``--crown-n`` / ``--alpha-n`` samples (0: skip). Target (issue 5): batched bisection >= 5x the per-sample loop.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, print_table, write_json
-from certnas.data import INFO
+from certnas.data import INFO, load_data
+from certnas.io import load_model
 from certnas.space.network import NetworkConfig, build_network
 from certnas.train import TrainConfig, network_config
 from verifiers.radius import certified_radius
@@ -35,30 +37,46 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--milp-n", type=int, default=4)
+    parser.add_argument("--crown-n", type=int, default=8, help="samples for full CROWN on the DARTS network")
+    parser.add_argument("--alpha-n", type=int, default=2, help="samples for alpha-CROWN on the DARTS network")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
     parser.add_argument("--init-channels", type=int, default=TrainConfig.init_channels)
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a trained certnas model file for the DARTS rows, on embedded test digits "
+                             "(CROWN's cost grows with the unstable ReLUs, so untrained weights overstate it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_verify.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     info = INFO["mnist-embedded"]
     torch.manual_seed(0)
-    darts = build_network(network_config(TrainConfig(layers=args.layers, init_channels=args.init_channels), info))
+    if args.model:
+        darts = load_model(args.model, map_location=device)
+    else:
+        darts = build_network(network_config(TrainConfig(layers=args.layers, init_channels=args.init_channels), info))
     mlp = build_network(NetworkConfig("mlp", 1, 28, 10, info.mean, info.std, hidden=(args.hidden, args.hidden)))
     darts, mlp = darts.to(device).eval(), mlp.to(device).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.n, 1, 28, 28, generator=g).to(device)
     with torch.no_grad():
         y_darts, y_mlp = darts(x).argmax(1), mlp(x).argmax(1)
+    if args.model:  # real digits and labels: a trained network's unstable neurons depend on the data
+        test = load_data("mnist-embedded", seed=0, image_size=28).test
+        x = torch.stack([test[i][0] for i in range(args.n)]).to(device)
+        y_darts = torch.as_tensor([int(test[i][1]) for i in range(args.n)], device=device)
     rows = []
     for name, model, y, method, count in [("darts", darts, y_darts, "ibp", args.n), ("darts", darts, y_darts, "crown-ibp", args.n),
+                                          ("darts", darts, y_darts, "crown", args.crown_n),
+                                          ("darts", darts, y_darts, "alpha-crown", args.alpha_n),
                                           ("mlp", mlp, y_mlp, "ibp", args.n), ("mlp", mlp, y_mlp, "crown-ibp", args.n),
                                           ("mlp", mlp, y_mlp, "crown", args.n), ("mlp", mlp, y_mlp, "alpha-crown", args.n),
                                           ("mlp", mlp, y_mlp, "milp", args.milp_n)]:
-        verify_methods(model, x[:2], y[:2], 0.01, methods=[method], milp_time_limit=60)  # warm-up (tracing)
+        if count < 1:
+            continue
+        verify_methods(model, x[:1], y[:1], 0.01, methods=[method], milp_time_limit=60)  # warm-up (tracing)
         seconds = _timed(lambda: verify_methods(model, x[:count], y[:count], 0.01, methods=[method], milp_time_limit=60))
         rows.append({"what": f"{name} {method}", "samples": count, "seconds": round(seconds, 3),
                      "samples_per_s": round(count / seconds, 2)})

@@ -7,8 +7,9 @@ version: APGD-CE, APGD-T, FAB-T, Square) comes from ``pyautoattack``. Inputs are
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -50,7 +51,10 @@ class PGD:
 
     eps: radius in pixels, a float or a (B,) tensor of per-sample radii; norm: inf or 2; steps;
     step_size (default 2.5 * eps / steps, per sample); loss: ce or cw.
-    ``steps=1, random_start=False, step_size=eps`` is FGSM.
+    ``steps=1, random_start=False, step_size=eps`` is FGSM. seed: None draws the random starts from
+    torch's global generator; an int draws each sample's from its own generator, seeded by the seed and
+    the sample's pixels, so an attack's result on a sample does not depend on the batch it is in
+    (verification split over processes merges exactly).
     """
     model: nn.Module
     eps: Union[float, torch.Tensor]
@@ -60,6 +64,7 @@ class PGD:
     restarts: int = 1
     random_start: bool = True
     loss: str = "ce"
+    seed: Optional[int] = None
 
     def __post_init__(self):
         self.norm = parse_norm(self.norm)
@@ -74,15 +79,15 @@ class PGD:
         was_training = self.model.training
         self.model.eval()
         try:
-            for _ in range(max(self.restarts, 1)):
+            for restart in range(max(self.restarts, 1)):
                 x_adv = x.detach().clone()
                 if self.random_start and bool((eps > 0).any()):
+                    uniform, gaussian, scale = self._random_start(x, restart)
                     if self.norm == math.inf:
-                        x_adv = x_adv + (torch.rand_like(x) * 2 - 1) * _view(eps, x)
+                        x_adv = x_adv + (uniform * 2 - 1) * _view(eps, x)
                     else:
-                        noise = torch.randn_like(x)
-                        noise = noise / _view(noise.flatten(1).norm(dim=1).clamp_min(1e-12), x)
-                        x_adv = x_adv + noise * _view(eps * torch.rand(x.shape[0], device=x.device), x)
+                        noise = gaussian / _view(gaussian.flatten(1).norm(dim=1).clamp_min(1e-12), x)
+                        x_adv = x_adv + noise * _view(eps * scale, x)
                     x_adv = project(x_adv, x, eps, self.norm)
                 for _ in range(self.steps):
                     x_adv.requires_grad_(True)
@@ -103,6 +108,23 @@ class PGD:
         finally:
             self.model.train(was_training)
         return best.detach()
+
+    def _random_start(self, x: torch.Tensor, restart: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uniform and Gaussian noise shaped like x and a (B,) uniform: from the global generator, or
+        with ``seed`` from one generator per sample seeded by the seed, the restart and the pixels."""
+        if self.seed is None:
+            if self.norm == math.inf:
+                return torch.rand_like(x), x, x
+            return x, torch.randn_like(x), torch.rand(x.shape[0], device=x.device)
+        uniform, gaussian, scale = [], [], []
+        for sample in x.detach().cpu().contiguous():
+            key = zlib.crc32(sample.numpy().tobytes())
+            g = torch.Generator().manual_seed((self.seed * 1000003 + restart * 7919 + key) % (2 ** 63))
+            uniform.append(torch.rand(sample.shape, generator=g, dtype=x.dtype))
+            gaussian.append(torch.randn(sample.shape, generator=g, dtype=x.dtype))
+            scale.append(torch.rand((), generator=g, dtype=x.dtype))
+        return (torch.stack(uniform).to(x.device), torch.stack(gaussian).to(x.device),
+                torch.stack(scale).to(x.device))
 
 
 def fgsm(model: nn.Module, eps: float, norm=math.inf) -> PGD:

@@ -147,15 +147,38 @@ def _fail_cleanly(func):
     def wrapper(*args, **kwargs):
         from certnas.errors import CertnasError
         from verifiers.errors import VerifierError
+        import os
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"rank {os.environ.get('RANK', '0')} of {ranks}: " if ranks > 1 else ""
         try:
             return func(*args, **kwargs)
         except (CertnasError, VerifierError) as error:
-            click.echo(f"certnas: error: {error}", err=True)
+            click.echo(f"certnas: error: {prefix}{error}", err=True)
             sys.exit(2)
+        except RuntimeError as error:
+            import torch.distributed as dist
+            if ranks <= 1 or not isinstance(error, getattr(dist, "DistError", ())) and "gloo" not in str(error).lower() \
+                    and "nccl" not in str(error).lower():
+                raise
+            # a collective broke because another rank stopped: torchrun reports that rank's own error
+            click.echo(f"certnas: error: {prefix}stopped because another rank failed "
+                       f"({str(error).splitlines()[0][:200]})", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("certnas: interrupted; completed epochs are saved (continue with --resume)", err=True)
             sys.exit(130)
     return wrapper
+
+
+def _world(device: str):
+    """The ranks of a torchrun launch (one process otherwise), process group joined."""
+    from certnas.distributed import world_from_environment
+    return world_from_environment(device)
+
+
+def _finish(world) -> None:
+    from certnas.distributed import finish
+    finish(world)
 
 
 def _check_device(device: str) -> None:
@@ -271,8 +294,10 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
                           epochs=epochs, batch_size=batch_size, train_limit=train_limit, val_limit=val_limit,
                           partial_channels=partial_channels, edge_normalization=edge_normalization,
                           order=int(order), seed=seed, device=device)
-    record = run_search(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"])
-    if not ctx.obj["quiet"]:
+    world = _world(device)
+    record = run_search(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"], world=world)
+    _finish(world)
+    if not ctx.obj["quiet"] and world.main:
         click.echo(f"genotype written to {out / 'genotype.json'}")
         click.echo(f"normal: {record['normal']}")
         click.echo(f"reduce: {record['reduce']}")
@@ -350,8 +375,10 @@ def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, n
                          ramp_epochs=ramp_epochs, eps_schedule=eps_schedule, eps_start=eps_start, kappa_end=kappa_end,
                          crown_rows=crown_rows, reg_weight=reg_weight, epochs=epochs, batch_size=batch_size,
                          optimizer=optimizer, lr=lr, max_loss=max_loss, train_limit=train_limit, seed=seed, device=device)
-    summary = run_train(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"])
-    if not ctx.obj["quiet"]:
+    world = _world(device)
+    summary = run_train(config, out, resume=resume, force=force, quiet=ctx.obj["quiet"], world=world)
+    _finish(world)
+    if not ctx.obj["quiet"] and world.main:
         top5 = f" (top-5 {summary['test_top5_acc']:.4f})" if "test_top5_acc" in summary else ""
         click.echo(f"test accuracy {summary['test_acc']:.4f}{top5} on {summary['test_samples']} samples; "
                    f"model written to {out / 'model.pt'}")
@@ -415,6 +442,11 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
 @click.option("--crown-max-relus", type=int, default=250000, show_default=True,
               help="Largest network (ReLU neurons) crown / alpha-crown are run on (their cost grows with it; 0: no limit).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Samples bounded at once.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Verify part I of N of the samples (0 <= I < N; e.g. one per cluster job) into "
+                   "verify-shard-I-of-N.json; the shard that finds all N parts in --out merges them into "
+                   "verify.csv / verify.json, as one process would have written them. Under torchrun the "
+                   "ranks share the samples without it.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for verify.csv and verify.json (default: next to MODEL).")
 @click.option("--vnnlib", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -427,14 +459,15 @@ def attack(ctx, model, data, data_root, n, eps, norm, device, seed, attacks, ste
 @click.pass_context
 @_fail_cleanly
 def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, radius, radius_max, radius_steps,
-           radius_min, pgd_steps, milp_time_limit, crown_max_relus, batch_size, out, vnnlib, timeout, result_file):
+           radius_min, pgd_steps, milp_time_limit, crown_max_relus, batch_size, shard, out, vnnlib, timeout, result_file):
     """Verified accuracy at --eps (and certified radii) of MODEL, never reporting a false certificate.
 
     MODEL is a certnas model file or an ONNX file (.onnx, converted and checked against onnxruntime);
     with --vnnlib, a VNNLIB property is decided on it instead."""
-    from certnas.verify_run import VerifyConfig, run_verify
+    from certnas.verify_run import VerifyConfig, parse_shard, run_verify
     from verifiers.verify import parse_methods
     _check_device(device)
+    part = parse_shard(shard) if shard is not None else (0, 1)
     if vnnlib is not None:
         _verify_vnnlib(ctx, model, vnnlib, timeout, result_file, methods, seed, device)
         return
@@ -447,8 +480,19 @@ def verify(ctx, model, data, data_root, n, eps, norm, device, seed, methods, rad
                           crown_max_relus=crown_max_relus, batch_size=batch_size, data=data,
                           data_root=str(data_root) if data_root else None, seed=seed, device=device)
     out = out if out is not None else Path(model).parent
-    summary = run_verify(config, model, out, quiet=ctx.obj["quiet"])
-    if not ctx.obj["quiet"]:
+    world = _world(device)
+    if world.active and shard is not None:
+        from certnas.config import ConfigError
+        raise ConfigError("--shard is for separate jobs; under torchrun the ranks share the samples without it")
+    summary = run_verify(config, model, out, quiet=ctx.obj["quiet"], shard=part, world=world)
+    _finish(world)
+    if "waiting_for" in summary:
+        if not ctx.obj["quiet"]:
+            click.echo(f"shard {part[0]}/{part[1]}: {summary['n']} samples written to "
+                       f"{out / f'verify-shard-{part[0]}-of-{part[1]}.json'}; the merged files follow when all "
+                       f"{part[1]} shards are there")
+        return
+    if not ctx.obj["quiet"] and world.main:
         click.echo(f"{summary['n']} samples of {summary['data']}, eps {eps:.6g}, norm {norm}")
         _print_rows(summary["results"], ["method", "accuracy", "falsified", "unknown", "seconds_per_sample"])
         for method, stats in summary["radius"].items():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from certnas.distributed import World
 from certnas.files import atomic_write_json, environment, write_history
 from certnas.io import load_file, save_file
 from certnas.errors import CertnasError
@@ -56,20 +57,26 @@ def check_same_config(out: Path, config: Any) -> None:
         raise ConfigError(f"--resume: the settings differ from those saved in {path} ({', '.join(changed)})")
 
 
-def start_run(config: Any, out: Path, *, resume: bool, force: bool):
+def start_run(config: Any, out: Path, *, resume: bool, force: bool, world: World = World()):
     """What search and training do first: validate, prepare ``out`` (resume with the same settings
-    only), seed, load the data, record config.json and environment.json. Returns ``(out, splits)``."""
+    only), seed, load the data, record config.json and environment.json (rank 0 alone writes; the
+    other ranks wait for it). Returns ``(out, splits)``."""
     from dataclasses import asdict
     from certnas.data import load_data
     config.validate()
-    out = prepare_run_folder(Path(out), resume=resume, force=force)
+    out = Path(out)
+    if world.main:
+        out = prepare_run_folder(out, resume=resume, force=force)
     if resume:
         check_same_config(out, config)
     seed_everything(config.seed)
     splits = load_data(config.data, Path(config.data_root) if config.data_root else None, seed=config.seed,
                        image_size=config.image_size)
-    atomic_write_json(out / "config.json", asdict(config))
-    atomic_write_json(out / "environment.json", environment())
+    if world.main:
+        atomic_write_json(out / "config.json", asdict(config))
+        atomic_write_json(out / "environment.json", {**environment(), "ranks": world.size,
+                                                      "backend": world.backend or None})
+    world.barrier()
     return out, splits
 
 
@@ -115,13 +122,14 @@ def collate(dataset, index: torch.Tensor, device: torch.device):
 def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
                epoch_fn: Callable[[int, tqdm], Dict[str, float]], batches_per_epoch: int,
                after_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-               description: str = "epoch", quiet: bool = False) -> List[Dict[str, Any]]:
+               description: str = "epoch", quiet: bool = False, world: World = World()) -> List[Dict[str, Any]]:
     """Run ``epoch_fn(epoch, progress)`` for the remaining epochs, checkpointing after each.
 
     state: name -> object with ``state_dict`` / ``load_state_dict`` (model, optimisers,
     schedulers). ``after_epoch(epoch, row)`` may add columns to the epoch's history row.
-    Returns the history rows.
+    Every rank resumes from the checkpoint; rank 0 alone prints and writes. Returns the history rows.
     """
+    quiet = quiet or not world.main
     checkpoint = Path(out) / "checkpoint.pt"
     history: List[Dict[str, Any]] = []
     start = 0
@@ -141,10 +149,11 @@ def run_epochs(*, out: Path, epochs: int, state: Dict[str, Any], resume: bool,
         if after_epoch:
             after_epoch(epoch, row)
         history.append(row)
-        tensors = {name: obj.state_dict() for name, obj in state.items()}
-        tensors["rng"] = rng_state()
-        save_file(checkpoint, "checkpoint", tensors, {"epoch": epoch, "history": history})
-        write_history(Path(out) / "history.csv", history)
+        if world.main:
+            tensors = {name: obj.state_dict() for name, obj in state.items()}
+            tensors["rng"] = rng_state()
+            save_file(checkpoint, "checkpoint", tensors, {"epoch": epoch, "history": history})
+            write_history(Path(out) / "history.csv", history)
         if not quiet:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                 if isinstance(v, float) and k != "seconds" and not k.startswith("w_"))

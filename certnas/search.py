@@ -8,6 +8,7 @@ SDARTS-ADV), ``pgd`` (both steps on PGD adversarial examples).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -25,6 +26,7 @@ from certnas.files import atomic_write_json, environment
 from certnas.runs import collate, epoch_batches, run_epochs, start_run
 from certnas.space.network import STEMS
 from certnas.space.supernet import SearchNetwork
+from certnas.distributed import World, synchronise_batch_norm
 from certnas.train import (TrainConfig, TrainingDivergedError, check_even_reductions, ibp_initialise, make_optimizer,
                            schedule, training_loss)
 
@@ -156,14 +158,20 @@ def build_supernet(config: SearchConfig, info) -> SearchNetwork:
 class Searcher:
     """Holds the supernet, optimisers and step functions of one search."""
 
-    def __init__(self, config: SearchConfig, info):
+    def __init__(self, config: SearchConfig, info, world: World = World()):
         self.config = config
+        self.world = world
         self.device = torch.device(config.device)
         check_even_reductions(info.image_size, config.layers, config.stem)
+        if world.active and config.order != 1:
+            raise ConfigError("second-order search (--order 2) runs in one process; use --order 1 with several ranks")
         self.net = build_supernet(config, info).to(self.device)
         self.weight_config = training = config.weight_training()
         if training.init == "ibp":
             ibp_initialise(self.net)
+        if world.active:
+            synchronise_batch_norm(self.net)
+            world.broadcast_module(self.net)
         self.w_opt = make_optimizer(self.net.weight_parameters(), training)
         # only the weights of cell types the supernet has (weight decay alone would move the others)
         self.a_opt = torch.optim.Adam(self.net.searched_arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
@@ -173,29 +181,43 @@ class Searcher:
         self.metric_config = config.metric_config()
 
     # -- the architecture objective -------------------------------------------------------------
-    def arch_objective(self, x: torch.Tensor, y: torch.Tensor,
-                       eps: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
-        """``(L_val, gamma * R, details)``, R at ``eps`` (None: the configured eps); the architecture step
-        minimises their difference."""
-        logits = self.net(x)
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor, eps: Optional[float] = None,
+                       metric: Optional[MetricBatch] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float], Dict[str, float]]:
+        """``(L_val, gamma * R, loss details, metric details)``, R at ``eps`` (None: the configured eps); the
+        architecture step minimises L_val - gamma * R. R is measured on the first metric_samples of the
+        batch (0: all of it), or on ``metric`` where given (several ranks; no samples: R = 0)."""
+        with self.world.synchronised_statistics():
+            logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        # R is estimated on the first metric_samples samples of the batch (0: all of it).
-        n = self.config.metric_samples or len(x)
+        if metric is None:
+            n = self.config.metric_samples or len(x)
+            metric = MetricBatch(x[:n], y[:n])
         metric_config = self.metric_config if eps is None else replace(self.metric_config, eps=eps)
-        value, details = robustness(self.metric_name, self.net, x[:n], y[:n], metric_config)
-        details = {"val_loss": loss.item(), "val_acc": (logits.argmax(1) == y).float().mean().item(),
-                   "R": float(value.detach()), **details}
-        return loss, self.config.gamma * value, details
+        if len(metric.x) > 0:
+            sync = self.world.synchronised_statistics() if metric.synchronised else contextlib.nullcontext()
+            with sync:
+                value, metric_details = robustness(self.metric_name, self.net, metric.x, metric.y, metric_config)
+            metric_details = {"R": float(value.detach()), **metric_details}
+        else:
+            value, metric_details = loss.new_zeros(()), {}
+        details = {"val_loss": loss.item(), "val_acc": (logits.argmax(1) == y).float().mean().item()}
+        return loss, self.config.gamma * value, details, metric_details
 
-    def arch_step(self, x_val, y_val, x_train, y_train, eps: Optional[float] = None) -> Dict[str, float]:
+    def arch_step(self, x_val, y_val, x_train, y_train, eps: Optional[float] = None,
+                  share: float = 1.0, metric: Optional[MetricBatch] = None) -> Dict[str, float]:
         """One step on ``L_val - gamma R`` (R at ``eps``, None: the configured eps); the details hold the
-        norms of both parts' gradients."""
+        norms of both parts' gradients. With several ranks, this rank's validation shard holds ``share``
+        of the batch and ``metric`` the samples (and their share) of R's batch this rank measures."""
         self.a_opt.zero_grad(set_to_none=True)
         if self.config.order == 1:
-            loss, reward, details = self.arch_objective(x_val, y_val, eps)
+            loss, reward, loss_details, metric_details = self.arch_objective(x_val, y_val, eps, metric)
+            metric_share = metric.share if metric is not None else 1.0
             arch = self.net.arch_parameters()
-            grad_loss = _grads(loss, arch, retain_graph=True)
-            grad_reward = _grads(reward, arch) if reward.requires_grad else [torch.zeros_like(a) for a in arch]
+            grad_loss = _grads(loss * share, arch, retain_graph=True)
+            grad_reward = (_grads(reward * metric_share, arch) if reward.requires_grad
+                           else [torch.zeros_like(a) for a in arch])
+            self.world.sum_tensors(grad_loss + grad_reward)
+            details = self.world.combine([(loss_details, share), (metric_details, metric_share)])
             for a, g_loss, g_reward in zip(arch, grad_loss, grad_reward):
                 a.grad = g_loss - g_reward
             details.update(_grad_norms(grad_loss, grad_reward))
@@ -218,7 +240,8 @@ class Searcher:
             for w, g in zip(weights, grads):
                 if g is not None:
                     w.sub_(xi * g)
-        loss, reward, details = self.arch_objective(x_val, y_val, eps)
+        loss, reward, details, metric_details = self.arch_objective(x_val, y_val, eps)
+        details.update(metric_details)
         if reward.requires_grad:
             details.update(_grad_norms(_grads(loss, arch, retain_graph=True), _grads(reward, arch, retain_graph=True)))
         grads = torch.autograd.grad(loss - reward, arch + weights, allow_unused=True)
@@ -241,20 +264,24 @@ class Searcher:
         return details
 
     # -- the weight step ------------------------------------------------------------------------
-    def weight_step(self, x, y, plan: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-        """One weight step at the schedule's ``plan`` (None: the clean loss)."""
+    def weight_step(self, x, y, plan: Optional[Dict[str, float]] = None, share: float = 1.0) -> Dict[str, float]:
+        """One weight step at the schedule's ``plan`` (None: the clean loss) on this rank's shard, which
+        holds ``share`` of the batch (the gradients are summed over ranks)."""
         plan = plan or {"eps": 0.0, "kappa": 1.0, "beta": 1.0, "progress": 0.0}
-        perturbation = self._sdarts_perturbation(x, y) if self.config.metric == "sdarts-adv" else None
+        perturbation = self._sdarts_perturbation(x, y, share) if self.config.metric == "sdarts-adv" else None
         if perturbation is not None:
             with torch.no_grad():
                 for a, d in zip(self.net.arch_parameters(), perturbation):
                     a.add_(d)
         self.w_opt.zero_grad(set_to_none=True)
-        loss, details = training_loss(self.net, x, y, plan, self.weight_config)
+        with self.world.synchronised_statistics():
+            loss, details = training_loss(self.net, x, y, plan, self.weight_config)
+        details = self.world.weighted_means(details, share)
         if not math.isfinite(details["train_loss"]):
             raise TrainingDivergedError(f"the supernet's weight loss became {details['train_loss']} at eps {plan['eps']:.4g}; "
                                         "try a smaller --eps or --w-lr, or more --ramp-epochs")
-        loss.backward()
+        (loss * share if self.world.active else loss).backward()
+        self.world.sum_gradients(self.net.weight_parameters())
         nn.utils.clip_grad_norm_(list(self.net.weight_parameters()), self.config.grad_clip)
         self.w_opt.step()
         if perturbation is not None:
@@ -265,9 +292,9 @@ class Searcher:
             a.grad = None
         return details
 
-    def _sdarts_perturbation(self, x, y) -> List[torch.Tensor]:
+    def _sdarts_perturbation(self, x, y, share: float = 1.0) -> List[torch.Tensor]:
         """PGD on the architecture parameters within an L-inf ball of radius sdarts_epsilon,
-        maximising the training loss."""
+        maximising the training loss (of the global batch: gradients summed over ranks)."""
         epsilon, steps = self.config.sdarts_epsilon, self.config.sdarts_steps
         arch = self.net.arch_parameters()
         deltas = [torch.empty_like(a).uniform_(-epsilon, epsilon) for a in arch]
@@ -275,8 +302,10 @@ class Searcher:
             with torch.no_grad():
                 for a, d in zip(arch, deltas):
                     a.add_(d)
-            loss = F.cross_entropy(self.net(x), y)
+            with self.world.synchronised_statistics():
+                loss = F.cross_entropy(self.net(x), y) * share
             grads = _grads(loss, arch)  # zeros for a cell type the supernet does not have
+            self.world.sum_tensors(grads)
             with torch.no_grad():
                 for a, d, g in zip(arch, deltas, grads):
                     a.sub_(d)
@@ -287,10 +316,14 @@ class Searcher:
         return PGD(self.net, self.config.eps, self.config.norm, steps=self.config.pgd_steps)(x, y)
 
 
-def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict:
-    """Run (or resume) a search into ``out``; returns the final record (genotype and settings)."""
-    out, splits = start_run(config, out, resume=resume, force=force)
-    searcher = Searcher(config, splits.info)
+def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False,
+           world: World = World()) -> Dict:
+    """Run (or resume) a search into ``out``; returns the final record (genotype and settings). With
+    several ranks (``world``, certnas.distributed) each takes its share of every batch; rank 0 writes."""
+    if config.batch_size < world.size:
+        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world.size} ranks")
+    out, splits = start_run(config, out, resume=resume, force=force, world=world)
+    searcher = Searcher(config, splits.info, world)
     train_count = min(len(splits.train), config.train_limit or len(splits.train))
     batches = math.ceil(train_count / config.batch_size)
     device = searcher.device
@@ -303,17 +336,20 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
         val_order = epoch_batches(splits.val, config.batch_size, config.seed + 7919, epoch, config.val_limit)
         sums: Dict[str, float] = {}
         for step, index in enumerate(train_order):
-            x, y = collate(splits.train, index, device)
-            xv, yv = collate(splits.val, val_order[step % len(val_order)], device)
+            x, y = collate(splits.train, world.shard(index), device)
+            val_index = val_order[step % len(val_order)]
+            xv, yv = collate(splits.val, world.shard(val_index), device)
+            metric = _metric_batch(world, splits.val, val_index, (xv, yv), config.metric_samples, device)
             if config.metric == "pgd":
                 x, xv = searcher.adversarial(x, y), searcher.adversarial(xv, yv)
             plan = schedule(searcher.weight_config, epoch * batches + step, batches)
             # before arch_start the architecture is not stepped, so its objective is not computed either
             metric_eps = plan["eps"] if follow_ramp and plan["progress"] < 1 else None  # None: config.eps
-            arch = searcher.arch_step(xv, yv, x, y, metric_eps) if epoch >= arch_start else {}
+            arch = (searcher.arch_step(xv, yv, x, y, metric_eps, world.share(val_index), metric)
+                    if epoch >= arch_start else {})
             if arch:
                 arch["metric_eps"] = config.eps if metric_eps is None else metric_eps
-            row = {**arch, **searcher.weight_step(x, y, plan)}
+            row = {**arch, **searcher.weight_step(x, y, plan, world.share(index))}
             for key, value in row.items():
                 sums[key] = sums.get(key, 0.0) + value
             progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.2f}", R=f"{row.get('R', float('nan')):.3g}",
@@ -336,16 +372,45 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
 
     state = {"model": searcher.net, "w_opt": searcher.w_opt, "a_opt": searcher.a_opt, "scheduler": searcher.scheduler}
     history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,
-                         batches_per_epoch=batches, after_epoch=after_epoch, description="search", quiet=quiet)
+                         batches_per_epoch=batches, after_epoch=after_epoch, description="search", quiet=quiet,
+                         world=world)
     genotype = searcher.net.genotype()
     record = {**genotype.to_dict(), "arch_weights": arch_weights(searcher.net),
               "searched_cells": ["reduce" if r else "normal" for r in searcher.net.cell_types()], "settings": asdict(config),
               "seed": config.seed, "versions": environment(), "epochs_completed": len(history)}
+    if not world.main:
+        return record
     atomic_write_json(out / "genotype.json", record)
     from certnas.plots import plot_arch_history, plot_genotype
     plot_genotype(genotype, out / "cells.png")
     plot_arch_history(history, searcher.net.primitives, out / "arch_weights.png")
     return record
+
+
+@dataclass
+class MetricBatch:
+    """The samples a rank measures R on, their share of R's batch, and whether batch norm takes its
+    statistics over all ranks' metric samples."""
+    x: torch.Tensor
+    y: torch.Tensor
+    share: float = 1.0
+    synchronised: bool = False
+
+
+def _metric_batch(world: World, dataset, index: torch.Tensor, shard: Tuple[torch.Tensor, torch.Tensor],
+                  metric_samples: int, device) -> Optional[MetricBatch]:
+    """What this rank measures R on so that the ranks together measure it as one process does (None in
+    one process: the first metric_samples of the batch). A fixed subset (metric_samples > 0) is measured
+    whole on rank 0, as one batch (its batch-norm statistics are the subset's, whatever the metric); R
+    over the whole batch (0) is measured on every shard with synchronised batch-norm statistics."""
+    if not world.active:
+        return None
+    if metric_samples:
+        if not world.main:
+            return MetricBatch(shard[0][:0], shard[1][:0], share=0.0)
+        x, y = collate(dataset, index[:metric_samples], device)
+        return MetricBatch(x, y, share=1.0)
+    return MetricBatch(shard[0], shard[1], share=world.share(index), synchronised=True)
 
 
 def _grads(value: torch.Tensor, params: List[torch.Tensor], retain_graph: bool = False) -> List[torch.Tensor]:

@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset
 from certnas.attacks import PGD
 from certnas.config import ConfigError
 from certnas.data import DataInfo
+from certnas.distributed import World, synchronise_batch_norm
 from certnas.io import save_model
 from certnas.files import atomic_write_json, environment
 from certnas.runs import collate, epoch_batches, run_epochs, start_run
@@ -325,26 +326,35 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Dict
 class Trainer:
     """The network, optimiser and the loss of one training mode (``auto`` settings resolved here)."""
 
-    def __init__(self, config: TrainConfig, network: NetworkConfig):
+    def __init__(self, config: TrainConfig, network: NetworkConfig, world: World = World()):
         self.config = config = config.resolved()
+        self.world = world
         self.device = torch.device(config.device)
         self.model = build_network(network).to(self.device)
         if config.init == "ibp":
             ibp_initialise(self.model)
+        if world.active:
+            synchronise_batch_norm(self.model)
+            world.broadcast_module(self.model)
         self.optimizer = make_optimizer(self.model.parameters(), config)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.epochs, eta_min=config.lr_min)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, plan: Dict[str, float]) -> Tuple[torch.Tensor, Dict[str, float]]:
         return training_loss(self.model, x, y, plan, self.config)
 
-    def step(self, x, y, plan) -> Dict[str, float]:
+    def step(self, x, y, plan, share: float = 1.0) -> Dict[str, float]:
+        """One optimiser step on this rank's shard ``x, y`` holding ``share`` of the global batch (the
+        gradients are summed over ranks); returns the global batch's mean details."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, details = self.loss(x, y, plan)
+        with self.world.synchronised_statistics():
+            loss, details = self.loss(x, y, plan)
+        details = self.world.weighted_means(details, share)
         if not math.isfinite(details["train_loss"]) or (self.config.max_loss and details["train_loss"] > self.config.max_loss):
             raise TrainingDivergedError(
                 f"loss {details['train_loss']:.3g} at eps {plan['eps']:.4g}")
-        loss.backward()
+        (loss * share if self.world.active else loss).backward()
+        self.world.sum_gradients(self.model.parameters())
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return details
@@ -393,14 +403,18 @@ def accuracy(model: nn.Module, dataset, device, limit: int = 0, batch_size: int 
     return topk_accuracies(model, dataset, device, limit, batch_size)[1]
 
 
-def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False) -> Dict[str, Any]:
+def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool = False, quiet: bool = False,
+          world: World = World()) -> Dict[str, Any]:
     """Train into ``out`` (checkpoint.pt each epoch, history.csv, model.pt at the end); returns the
     summary also written to ``summary.json``. Raises TrainingDivergedError (the last completed epoch's
-    checkpoint kept) when a batch loss is non-finite or above ``max_loss``."""
+    checkpoint kept) when a batch loss is non-finite or above ``max_loss``. With several ranks
+    (``world``, certnas.distributed) each takes its share of every batch and rank 0 writes."""
     config = config.validate().resolved()
-    out, splits = start_run(config, out, resume=resume, force=force)
+    if config.batch_size < world.size:
+        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world.size} ranks")
+    out, splits = start_run(config, out, resume=resume, force=force, world=world)
     network = network_config(config, splits.info)
-    trainer = Trainer(config, network)
+    trainer = Trainer(config, network, world)
     train_set = ConcatDataset([splits.train, splits.val])
     count = min(len(train_set), config.train_limit or len(train_set))
     steps_per_epoch = math.ceil(count / config.batch_size)
@@ -413,9 +427,9 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         order = epoch_batches(train_set, config.batch_size, config.seed, epoch, config.train_limit)
         for index, batch in enumerate(order):
             plan = schedule(config, epoch * steps_per_epoch + index, steps_per_epoch)
-            x, y = collate(train_set, batch, trainer.device)
+            x, y = collate(train_set, world.shard(batch), trainer.device)
             try:
-                row = trainer.step(x, y, plan)
+                row = trainer.step(x, y, plan, world.share(batch))
             except TrainingDivergedError as error:
                 kept = (f"the checkpoint of epoch {epoch} is kept in {out / 'checkpoint.pt'}" if epoch > 0
                         else "no epoch completed, so there is no checkpoint")
@@ -438,7 +452,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
 
     state = {"model": trainer.model, "optimizer": trainer.optimizer, "scheduler": trainer.scheduler}
     history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,
-                         batches_per_epoch=steps_per_epoch, description=f"train ({config.mode})", quiet=quiet)
+                         batches_per_epoch=steps_per_epoch, description=f"train ({config.mode})", quiet=quiet,
+                         world=world)
     trainer.model.eval()
     top = topk_accuracies(trainer.model, splits.test, trainer.device, config.eval_limit,
                           ks=(1, 5) if network.num_classes > 5 else (1,))
@@ -451,6 +466,8 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         summary.update({f"test_{name}_verified": value for name, value in verified.items()})
         summary["verified_eps"] = config.eps
     summary["warnings"] = training_warnings(config, history)
+    if not world.main:
+        return summary
     for warning in summary["warnings"]:
         logger.warning(warning)
     save_model(trainer.model, out / "model.pt", network=network.to_dict(), dataset=asdict(splits.info),

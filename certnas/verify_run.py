@@ -6,6 +6,7 @@ the PGD attack radius (an upper bound on each sample's robust radius).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from certnas.attacks import PGD
 from certnas.config import ConfigError
+from certnas.distributed import World
 from certnas.evaluation import predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
@@ -64,24 +66,84 @@ class VerifyConfig:
 
 
 def falsifier_for(model, config: VerifyConfig):
-    """The guard's attack: PGD with per-sample eps, ``pgd_steps`` steps, ``pgd_restarts`` restarts."""
+    """The guard's attack: PGD with per-sample eps, ``pgd_steps`` steps, ``pgd_restarts`` restarts, and
+    random starts seeded per sample (the same result on a sample whatever batch or shard it is in)."""
     norm = parse_norm(config.norm)
 
     def attack(x, y, eps):
-        torch.manual_seed(config.seed)
-        return PGD(model, eps, norm, steps=config.pgd_steps, restarts=config.pgd_restarts)(x, y)
+        return PGD(model, eps, norm, steps=config.pgd_steps, restarts=config.pgd_restarts, seed=config.seed)(x, y)
     return attack
 
 
-def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = None, *, quiet: bool = False) -> Dict[str, Any]:
+@dataclass
+class ShardResult:
+    """What verifying a part of the samples gives: verify.csv's rows and, per sample (in order), whether
+    it is classified correctly and whether PGD leaves it so. Plain data (JSON)."""
+    positions: List[int]
+    rows: List[Dict[str, Any]]
+    clean: List[bool]
+    pgd: List[bool]
+    skipped: Dict[str, str]
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"i/n"`` (0 <= i < n) as ``(i, n)``; ConfigError otherwise."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must be I/N, e.g. 0/4, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = None, *, quiet: bool = False,
+               shard: Tuple[int, int] = (0, 1), world: World = World()) -> Dict[str, Any]:
     """Verify, write ``verify.csv`` (one row per sample and method) and ``verify.json`` under ``out``,
-    return the JSON summary."""
-    import pandas as pd
+    return the JSON summary. With several ranks (``world``) each verifies its share of the samples and
+    rank 0 writes the merged files; with ``shard=(i, n)`` this process verifies part i of n, writes
+    ``verify-shard-i-of-n.json``, and whichever shard finds all n parts there writes the merged files.
+    Merged files equal those of one process (attacks are seeded per sample) but for timings."""
     config.validate()
     evaluation = prepare(model_path, data=config.data, data_root=Path(config.data_root) if config.data_root else None,
                          n=config.n, seed=config.seed, device=config.device)
-    model, x, y = evaluation.model, evaluation.x, evaluation.y
-    indices = evaluation.indices.tolist()
+    if world.active:
+        shard = (world.rank, world.size)
+    positions = torch.tensor_split(torch.arange(len(evaluation.x)), shard[1])[shard[0]].tolist()
+    part = _verify_part(config, evaluation, positions, quiet=quiet or not world.main)
+    if world.active:
+        parts = world.gather_objects(asdict(part))
+    elif shard[1] > 1:
+        if out is None:
+            raise ConfigError("--shard needs --out (a folder the shards share)")
+        out = Path(out)
+        atomic_write_json(out / f"verify-shard-{shard[0]}-of-{shard[1]}.json",
+                          {"settings": asdict(config), "model": str(model_path), "shard": list(shard), **asdict(part)})
+        files = [out / f"verify-shard-{i}-of-{shard[1]}.json" for i in range(shard[1])]
+        if not all(f.is_file() for f in files):
+            return {"shard": list(shard), "n": len(positions), "waiting_for": [str(f) for f in files if not f.is_file()]}
+        parts = [json.loads(f.read_text()) for f in files]
+        if any(p["settings"] != json.loads(json.dumps(asdict(config))) for p in parts):
+            raise ConfigError(f"the shard files in {out} were made with different settings")
+    else:
+        parts = [asdict(part)]
+    summary = _summary(config, model_path, evaluation, [ShardResult(**{k: p[k] for k in ShardResult.__dataclass_fields__})
+                                                        for p in parts])
+    if out is not None and world.main:
+        import pandas as pd
+        rows = _merged_rows(parts)
+        out = Path(out)
+        atomic_write_text(out / "verify.csv", pd.DataFrame(rows).to_csv(index=False))
+        atomic_write_json(out / "verify.json", summary)
+    return summary
+
+
+def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quiet: bool) -> ShardResult:
+    """Every check of ``run_verify`` on the samples at ``positions`` of the evaluation's samples."""
+    model = evaluation.model
+    x, y = evaluation.x[positions], evaluation.y[positions]
+    all_indices = evaluation.indices.tolist()
+    indices = [all_indices[p] for p in positions]
     falsifier = falsifier_for(model, config)
     common = dict(indices=indices, falsifier=falsifier, batch_size=config.batch_size,
                   milp_time_limit=config.milp_time_limit, milp_max_relus=config.milp_max_relus,
@@ -91,59 +153,88 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
     clean = (predict(model, x) == y)
     eps_t = torch.full((len(x),), float(config.eps), device=x.device, dtype=x.dtype)
     with torch.no_grad():
-        pgd_robust = clean & (model(falsifier(x, y, eps_t)).argmax(1) == y)
+        pgd_robust = clean & (model(falsifier(x, y, eps_t)).argmax(1) == y) if len(x) else clean
     rows: List[Dict[str, Any]] = []
-    summary_rows: List[Dict[str, Any]] = [
-        {"method": "clean", "accuracy": clean.sum().item() / len(x)},
-        {"method": f"pgd-{config.pgd_steps}", "accuracy": pgd_robust.sum().item() / len(x)}]
     # methods the cascade leaves out on this model (explicitly listed ones raise instead)
+    example = evaluation.x[:1]
     skipped = {m: "network too large for matrix-mode CROWN" for m in methods
-               if run_cascade and not crown_feasible(model, x, m, config.crown_max_relus)}
+               if run_cascade and not crown_feasible(model, example, m, config.crown_max_relus)}
     skipped.update({m: "milp needs a small ReLU MLP and the L-inf norm" for m in methods if run_cascade and m == "milp"
-                    and not milp_supported(model, x.shape[1:], parse_norm(config.norm), config.milp_max_relus)})
+                    and not milp_supported(model, example.shape[1:], parse_norm(config.norm), config.milp_max_relus)})
     total = len(x) * (1 + len(methods) * (1 + int(config.radius)))
     with tqdm(total=total, desc="verify", disable=quiet, leave=False) as bar:
-        if run_cascade:
+        if len(x) == 0:
+            pass
+        elif run_cascade:
             results = cascade(model, x, y, config.eps, norm=config.norm, methods=methods, progress=bar.update, **common)
             rows += [{**r.row(), "mode": "cascade"} for r in results]
-            certified = [r for r in results if r.status is Status.CERTIFIED]
-            summary_rows.append({"method": "cascade", "accuracy": len(certified) / len(x),
-                                 "falsified": sum(r.status is Status.FALSIFIED for r in results) / len(x),
-                                 "unknown": sum(r.status is Status.UNKNOWN for r in results) / len(x),
-                                 "certified_by": {m: sum(r.method == m for r in certified) for m in methods}})
         else:
             results = verify_methods(model, x, y, config.eps, norm=config.norm, methods=methods,
                                      progress=bar.update, **common)
             rows += [{**r.row(), "mode": "eps"} for r in results]
-            for method in methods:
-                mine = [r for r in results if r.method == method]
-                summary_rows.append({"method": method, "accuracy": sum(r.status is Status.CERTIFIED for r in mine) / len(x),
-                                     "seconds_per_sample": mine[0].seconds if mine else None})
-        radius_summary: Dict[str, Any] = {}
-        if config.radius:
+        if config.radius and len(x):
             radius_methods = [m for m in methods if m not in skipped]
             found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
                           steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update, **common)
             rows += [{**r.row(), "mode": "radius"} for r in found]
-            for method in radius_methods:
-                values = [r.radius for r in found if r.method == method]
-                radius_summary[method] = summarize(values)
             upper = attack_radius(model, x, y, falsifier, eps_max=config.eps_max, steps=config.radius_steps)
-            radius_summary[f"pgd-{config.pgd_steps} (upper)"] = summarize(upper.tolist())
             prediction = predict(model, x).tolist()
             for i, value in enumerate(upper.tolist()):
                 rows.append({"index": indices[i], "label": int(y[i]), "prediction": prediction[i],
                              "method": f"pgd-{config.pgd_steps}", "status": "attack-radius", "certified": False,
                              "margin_bound": None, "radius": value, "seconds": None, "mode": "radius"})
-    summary = {"model": str(model_path), "data": evaluation.data, "n": len(x), "eps": config.eps, "norm": config.norm,
-               "results": summary_rows, "radius": radius_summary, "skipped": skipped,
-               "radius_tolerance": (None if not config.radius else
-                                    f"factor {(config.eps_max / config.radius_min) ** (1 / 2 ** config.radius_steps):.6g}"
-                                    if config.radius_min > 0 else config.eps_max / 2 ** config.radius_steps),
-               "settings": asdict(config), "versions": environment()}
-    if out is not None:
-        out = Path(out)
-        atomic_write_text(out / "verify.csv", pd.DataFrame(rows).to_csv(index=False))
-        atomic_write_json(out / "verify.json", summary)
-    return summary
+    position_of = dict(zip(indices, positions))
+    for row in rows:
+        row["position"] = position_of[row["index"]]
+    return ShardResult(positions, rows, clean.tolist(), pgd_robust.tolist(), skipped)
 
+
+def _merged_rows(parts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """verify.csv's rows of all parts in one process's order: by (mode, method) block as the parts
+    list them, then by sample; without the bookkeeping column ``position``."""
+    blocks: Dict[Tuple[str, str], int] = {}
+    for part in parts:
+        for row in part["rows"]:
+            blocks.setdefault((row["mode"], row["method"]), len(blocks))
+    rows = [row for part in parts for row in part["rows"]]
+    rows.sort(key=lambda row: (blocks[(row["mode"], row["method"])], row["position"]))
+    return [{k: v for k, v in row.items() if k != "position"} for row in rows]
+
+
+def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[ShardResult]) -> Dict[str, Any]:
+    """verify.json's content from the parts (in sample order) of one verification."""
+    run_cascade = config.methods == ("all",)
+    methods = list(METHODS) if run_cascade else list(config.methods)
+    rows = _merged_rows([asdict(p) for p in parts])
+    n = sum(len(p.positions) for p in parts)
+    clean = sum(sum(p.clean) for p in parts)
+    pgd = sum(sum(p.pgd) for p in parts)
+    skipped = parts[0].skipped if parts else {}
+    summary_rows: List[Dict[str, Any]] = [{"method": "clean", "accuracy": clean / n},
+                                          {"method": f"pgd-{config.pgd_steps}", "accuracy": pgd / n}]
+    if run_cascade:
+        results = [r for r in rows if r["mode"] == "cascade"]
+        certified = [r for r in results if r["status"] == Status.CERTIFIED.value]
+        summary_rows.append({"method": "cascade", "accuracy": len(certified) / n,
+                             "falsified": sum(r["status"] == Status.FALSIFIED.value for r in results) / n,
+                             "unknown": sum(r["status"] == Status.UNKNOWN.value for r in results) / n,
+                             "certified_by": {m: sum(r["method"] == m for r in certified) for m in methods}})
+    else:
+        for method in methods:
+            mine = [r for r in rows if r["mode"] == "eps" and r["method"] == method]
+            seconds = [r["seconds"] for r in mine if r["seconds"] is not None]
+            summary_rows.append({"method": method,
+                                 "accuracy": sum(r["status"] == Status.CERTIFIED.value for r in mine) / n,
+                                 "seconds_per_sample": sum(seconds) / len(seconds) if seconds else None})
+    radius_summary: Dict[str, Any] = {}
+    if config.radius:
+        for method in [m for m in methods if m not in skipped] + [f"pgd-{config.pgd_steps}"]:
+            values = [r["radius"] for r in rows if r["mode"] == "radius" and r["method"] == method]
+            name = method if not method.startswith("pgd-") else f"{method} (upper)"
+            radius_summary[name] = summarize(values)
+    return {"model": str(model_path), "data": evaluation.data, "n": n, "eps": config.eps, "norm": config.norm,
+            "results": summary_rows, "radius": radius_summary, "skipped": skipped,
+            "radius_tolerance": (None if not config.radius else
+                                 f"factor {(config.eps_max / config.radius_min) ** (1 / 2 ** config.radius_steps):.6g}"
+                                 if config.radius_min > 0 else config.eps_max / 2 ** config.radius_steps),
+            "settings": asdict(config), "versions": environment()}

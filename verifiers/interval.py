@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from verifiers.errors import BoundInputError, UnsupportedModelError
 from verifiers.rewrite import sound_view
 
-__all__ = ["Interval", "MarginBounds", "interval_margins", "interval_logit_bounds"]
+__all__ = ["Interval", "MarginBounds", "interval_margins", "interval_logit_bounds", "clean_value", "normalise_channels"]
 
 _ids = itertools.count()
 
@@ -165,6 +165,27 @@ def _affine(input: Interval, value: torch.Tensor, scale, shift) -> Interval:
         center = center + shift
     node = Node("affine", (input.node,), {"scale": scale, "shift": shift}, _rebatch(value.shape))
     return Interval.make(value, center, radius, node)
+
+
+def clean_value(x: torch.Tensor) -> torch.Tensor:
+    """The clean (unperturbed) value of ``x``: an Interval's forward value, a plain tensor itself."""
+    return x.value if isinstance(x, Interval) else x
+
+
+def normalise_channels(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Batch norm of ``x`` (B, C, ...) with given per-channel statistics (C,), whose gradient flows (batch
+    norm with statistics gathered elsewhere, e.g. over several processes). For an Interval it is the
+    per-channel affine map it stands for, bounded exactly like training-mode batch norm."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    scale, shift = scale.view(view), shift.view(view)
+    if isinstance(x, Interval):
+        return _affine(x, x.value * scale + shift, scale, shift)
+    return x * scale + shift
 
 
 def _relu(input, inplace=False):

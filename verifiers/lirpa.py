@@ -478,6 +478,61 @@ def _patch_bias_layout_after_matrix_switch() -> None:
     backward_bound.concretize = concretize
 
 
+def _patch_output_only_alpha(bounded_module_cls: type) -> None:
+    # 17. alpha-CROWN in 0.3 makes a dense alpha per ReLU for every later node whose bounds it
+    #     back-substitutes (shape 2 x that node's neurons x batch x the ReLU's neurons) and re-optimises
+    #     every intermediate bound in each iteration: on the default DARTS network one digit needed
+    #     more than 24 GB. With the bound option ``certnas_output_alpha_only`` the alphas are made for
+    #     the output specification alone; verifiers.bounds then passes the intermediate bounds of a
+    #     CROWN pass as fixed (auto_LiRPA's later releases fix them by default too). Any alpha in
+    #     [0, 1] gives a sound relaxation, and the first iteration reproduces CROWN, whose bound the
+    #     optimiser keeps if nothing beats it. Covered by test_alpha_crown_is_sound_and_never_looser_than_crown
+    #     and the alpha-crown cases of the soundness / MILP / patches tests.
+    original = bounded_module_cls.get_alpha_crown_start_nodes
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def get_alpha_crown_start_nodes(self, node, c=None, share_slopes=False, final_node_name=None):
+        if not self.bound_opts.get("certnas_output_alpha_only", False):
+            return original(self, node, c=c, share_slopes=share_slopes, final_node_name=final_node_name)
+        final = final_node_name or self.final_name
+        if not any(start.name == final for start in self.backward_from[node.name]):
+            return []
+        size = self[final].output_shape[-1] if c is None else c.size(1)
+        return [(final, size, None)]  # (start node, specification size, unstable index: all)
+
+    get_alpha_crown_start_nodes._certnas_patched = True
+    bounded_module_cls.get_alpha_crown_start_nodes = get_alpha_crown_start_nodes
+
+
+def _patch_alpha_clamp_gradient(bound_relu_cls: type) -> None:
+    # 18. alpha-CROWN clamps each ReLU's lower slope alpha to [0, 1] before using it. The torch versions
+    #     auto_LiRPA 0.3 was written for let the gradient of clamp through at the ends of the range;
+    #     torch 2.x gives it zero there, and CROWN initialises every alpha at exactly 0 or 1, so every
+    #     gradient was zero and "alpha-CROWN" returned CROWN's bound unchanged (seen: 0.0 improvement
+    #     on every test network). The slopes are clipped to [0, 1] after each optimiser step anyway,
+    #     so the clamp's gradient is taken as the identity (value clamped, gradient passed).
+    #     Covered by test_alpha_crown_is_sound_and_never_looser_than_crown (must tighten some margin).
+    original = bound_relu_cls._relu_mask_alpha
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def clamp_passing_gradient(alpha):
+        return None if alpha is None else alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
+
+    def _relu_mask_alpha(lower, upper, lb_lower_d, ub_lower_d):
+        # as 0.3's: stable-active neurons get slope 1, stable-inactive 0, unstable the clamped alpha
+        lower_mask = (lower >= 0).to(lower.dtype)
+        upper_mask = upper <= 0
+        unstable = (1.0 - lower_mask) * (1.0 - upper_mask.to(upper.dtype))
+        lb_lower_d, ub_lower_d = (None if d is None else clamp_passing_gradient(d) * unstable + lower_mask
+                                  for d in (lb_lower_d, ub_lower_d))
+        return lb_lower_d, ub_lower_d, upper_mask.all()
+
+    _relu_mask_alpha._certnas_patched = True
+    bound_relu_cls._relu_mask_alpha = staticmethod(_relu_mask_alpha)
+
+
 import logging  # noqa: E402
 import warnings  # noqa: E402
 
@@ -500,6 +555,7 @@ with warnings.catch_warnings():
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
     warnings.simplefilter = _simplefilter
 
+from auto_LiRPA.operators.activation import BoundRelu  # noqa: E402
 from auto_LiRPA.operators.bivariate import BoundMul  # noqa: E402
 from auto_LiRPA.operators.convolution import BoundConv  # noqa: E402
 from auto_LiRPA.operators.constant import BoundConstant  # noqa: E402
@@ -516,6 +572,8 @@ _patch_patches_to_matrix()
 _patch_patch_strides()
 _patch_patches_add(Patches)
 _patch_bias_layout_after_matrix_switch()
+_patch_output_only_alpha(BoundedModule)
+_patch_alpha_clamp_gradient(BoundRelu)
 
 AUTO_LIRPA_VERSION: str = getattr(auto_LiRPA, "__version__", "unknown")
 

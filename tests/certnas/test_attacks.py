@@ -56,3 +56,19 @@ def test_pgd_reaches_the_closed_form_optimum_on_a_linear_model():
     found = (logits[:, 0] - logits[:, 1:].max(dim=1).values).tolist()
     for got, exact in zip(found, margins):
         assert got == pytest.approx(exact, abs=1e-4)
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
+def test_seeded_random_starts_do_not_depend_on_the_batch(norm):
+    # one step, no gradient signal to speak of: the random start decides the result
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 5))
+    x, y = torch.rand(6, 1, 6, 6), torch.randint(0, 5, (6,))
+    eps = 0.1 if norm == math.inf else 0.5
+    attack = PGD(model, eps, norm, steps=1, step_size=1e-9, restarts=2, seed=3)
+    whole = attack(x, y)
+    torch.manual_seed(99)  # the global generator plays no part
+    assert torch.allclose(whole[2:5], attack(x[2:5], y[2:5]), atol=1e-6)
+    assert torch.allclose(whole[[5, 0]], attack(x[[5, 0]], y[[5, 0]]), atol=1e-6)
+    assert not torch.allclose(whole, PGD(model, eps, norm, steps=1, step_size=1e-9, restarts=2, seed=4)(x, y))
+    assert ((whole - x).flatten(1).norm(p=norm, dim=1) <= eps + 1e-6).all()

@@ -60,3 +60,61 @@ def test_crown_verifies_the_darts_network_at_the_default_limit_and_is_at_least_a
         assert bound[(index, "crown")] >= bound[(index, "crown-ibp")] - 1e-4
     with pytest.raises(UnsupportedModelError, match="MILP supports"):
         run_verify(VerifyConfig(methods=("milp",), eps=0.005, n=4), models["darts"], tmp_path, quiet=True)
+
+
+def _without_timings(path):
+    import pandas as pd
+    frame = pd.read_csv(path / "verify.csv").drop(columns=["seconds"])
+    summary = json.loads((path / "verify.json").read_text())
+    for row in summary["results"]:
+        row.pop("seconds_per_sample", None)
+    summary.pop("versions")
+    return frame, summary
+
+
+def _assert_same_files(one, other):
+    """Equal verify.csv / verify.json but for timings; bounds to float rounding (a batch of another
+    size sums in another order)."""
+    import pandas as pd
+    (frame, summary), (other_frame, other_summary) = _without_timings(one), _without_timings(other)
+    pd.testing.assert_frame_equal(frame, other_frame, check_exact=False, rtol=1e-5, atol=1e-6)
+    assert _approx_equal(summary, other_summary), (summary, other_summary)
+
+
+def _approx_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_approx_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_approx_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    return a == b
+
+
+@pytest.mark.parametrize("methods,radius", [(("all",), False), (("ibp", "crown-ibp"), True)])
+def test_shards_merge_into_the_files_of_one_run(models, tmp_path, methods, radius):
+    config = VerifyConfig(methods=methods, eps=0.02, n=23, radius=radius, radius_steps=6, pgd_steps=10)
+    run_verify(config, models["mlp"], tmp_path / "one", quiet=True)
+    waiting = run_verify(config, models["mlp"], tmp_path / "sharded", quiet=True, shard=(2, 3))
+    assert "waiting_for" in waiting and not (tmp_path / "sharded" / "verify.csv").exists()
+    run_verify(config, models["mlp"], tmp_path / "sharded", quiet=True, shard=(0, 3))
+    run_verify(config, models["mlp"], tmp_path / "sharded", quiet=True, shard=(1, 3))  # the last one merges
+    _assert_same_files(tmp_path / "one", tmp_path / "sharded")
+
+
+def test_a_shard_with_other_settings_is_refused(models, tmp_path):
+    from certnas.config import ConfigError
+    run_verify(VerifyConfig(eps=0.02, n=6, pgd_steps=5), models["mlp"], tmp_path, quiet=True, shard=(0, 2))
+    with pytest.raises(ConfigError, match="different settings"):
+        run_verify(VerifyConfig(eps=0.03, n=6, pgd_steps=5), models["mlp"], tmp_path, quiet=True, shard=(1, 2))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_verify_into_the_files_of_one(models, tmp_path):
+    from tests.certnas.test_distributed import _torchrun
+    args = ["verify", str(models["mlp"]), "--eps", "0.02", "--n", "17", "--pgd-steps", "10"]
+    one = _torchrun(1, args + ["--out", str(tmp_path / "one")])
+    two = _torchrun(2, args + ["--out", str(tmp_path / "two")])
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    _assert_same_files(tmp_path / "one", tmp_path / "two")
