@@ -165,6 +165,11 @@ class Searcher:
         check_even_reductions(info.image_size, config.layers, config.stem)
         if world.active and config.order != 1:
             raise ConfigError("second-order search (--order 2) runs in one process; use --order 1 with several ranks")
+        if world.active and config.metric in ("jacobian", "combined") and config.metric_samples == 0:
+            # its double backward would pass through the synchronised batch norm, whose gradient is
+            # summed over ranks once, not differentiated again
+            raise ConfigError(f"--metric {config.metric} with --metric-samples 0 runs in one process; "
+                              "give --metric-samples N (measured whole on rank 0) with several ranks")
         self.net = build_supernet(config, info).to(self.device)
         self.weight_config = training = config.weight_training()
         if training.init == "ibp":
