@@ -11,6 +11,10 @@ SLOW_CASES = (
     # the partial-channel supernet (the plain one stays in the quick run): about 30 s per method
     "test_supernet.py::test_supernet_bounds_are_sound_for_every_method[pc-darts-",
     "test_verify_run.py::test_certified_accuracy_is_at_most_pgd_accuracy_at_most_clean[methods1]",
+    # alpha-CROWN on the cell network in L2 (the L-inf case stays): about 28 s
+    "test_cells.py::test_alpha_crown_is_sound_and_never_looser_than_crown[l2]",
+    # shard merging with radii (the cascade case stays): about 25 s
+    "test_verify_run.py::test_shards_merge_into_the_files_of_one_run[methods1",
 )
 
 
