@@ -50,11 +50,11 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, monkey
     calls = {"n": 0}
     original = search_module.Searcher.weight_step
 
-    def crash_in_second_epoch(self, x, y, plan=None):
+    def crash_in_second_epoch(self, x, y, plan=None, *args):
         calls["n"] += 1
         if calls["n"] == 3:  # epoch 2, first batch: after one checkpoint
             raise KeyboardInterrupt
-        return original(self, x, y, plan)
+        return original(self, x, y, plan, *args)
 
     monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):

@@ -59,11 +59,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, mon
     calls = {"n": 0}
     original = train_module.Trainer.step
 
-    def crash_in_second_epoch(self, x, y, plan):
+    def crash_in_second_epoch(self, x, y, plan, *args):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, x, y, plan)
+        return original(self, x, y, plan, *args)
 
     monkeypatch.setattr(train_module.Trainer, "step", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
