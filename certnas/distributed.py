@@ -37,6 +37,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str = ""
+    device: str = "cpu"  # where this rank's collectives run (nccl takes CUDA tensors only)
 
     @property
     def main(self) -> bool:
@@ -95,7 +96,7 @@ class World:
         if not self.active or not row:
             return row
         keys = list(row)  # the same order on every rank (the same code made the row)
-        values = torch.tensor([row[k] * weight for k in keys], dtype=torch.float64)
+        values = torch.tensor([row[k] * weight for k in keys], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(values)
         return dict(zip(keys, values.tolist()))
 
@@ -153,7 +154,8 @@ def world_from_environment(device: str) -> World:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev if dev.index is not None else torch.device("cuda", local_rank))
+        dev = dev if dev.index is not None else torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
         backend = "nccl"
     else:
         backend = "gloo"
@@ -164,7 +166,7 @@ def world_from_environment(device: str) -> World:
         except Exception as error:  # noqa: BLE001 - any failure to rendezvous is the user's to act on
             raise DistributedError(f"rank {rank} of {size}: cannot join the process group ({backend}): "
                                    f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    return World(rank=rank, size=size, local_rank=local_rank, backend=backend)
+    return World(rank=rank, size=size, local_rank=local_rank, backend=backend, device=str(dev))
 
 
 def finish(world: World) -> None:
