@@ -229,7 +229,3 @@ def synchronise_batch_norm(model: nn.Module) -> nn.Module:
         if type(module) is nn.BatchNorm2d:
             module.__class__ = SyncedBatchNorm
     return model
-
-
-def rank_prefix(world: World) -> str:
-    return f"rank {world.rank} of {world.size}: " if world.active else ""
