@@ -127,11 +127,11 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
             raise ConfigError(f"the shard files in {out} were made with different settings")
     else:
         parts = [asdict(part)]
-    summary = _summary(config, model_path, evaluation, [ShardResult(**{k: p[k] for k in ShardResult.__dataclass_fields__})
-                                                        for p in parts])
+    rows = _merged_rows(parts)
+    summary = _summary(config, model_path, evaluation,
+                       [ShardResult(**{k: p[k] for k in ShardResult.__dataclass_fields__}) for p in parts], rows)
     if out is not None and world.main:
         import pandas as pd
-        rows = _merged_rows(parts)
         out = Path(out)
         atomic_write_text(out / "verify.csv", pd.DataFrame(rows).to_csv(index=False))
         atomic_write_json(out / "verify.json", summary)
@@ -201,11 +201,11 @@ def _merged_rows(parts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "position"} for row in rows]
 
 
-def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[ShardResult]) -> Dict[str, Any]:
-    """verify.json's content from the parts (in sample order) of one verification."""
+def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[ShardResult],
+             rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """verify.json's content from the parts (in sample order) of one verification and their merged rows."""
     run_cascade = config.methods == ("all",)
     methods = list(METHODS) if run_cascade else list(config.methods)
-    rows = _merged_rows([asdict(p) for p in parts])
     n = sum(len(p.positions) for p in parts)
     clean = sum(sum(p.clean) for p in parts)
     pgd = sum(sum(p.pgd) for p in parts)
