@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.paper.run import main
+
+sys.exit(main())

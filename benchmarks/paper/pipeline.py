@@ -1,0 +1,143 @@
+"""The cached stages of one scale: search -> train -> attack -> verify, and the ImageNet transfer."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from benchmarks.common import cached_stage, config_hash
+from benchmarks.paper.scales import ROWS, Scale
+from certnas.attack_eval import AttackConfig, run_attacks
+from certnas.search import SearchConfig, search
+from certnas.train import TrainConfig, train
+from certnas.verify_run import VerifyConfig, run_verify
+
+PAPER_CROWN_MAX_RELUS = 4000
+
+
+class Pipeline:
+    """Runs (or reuses) the cached stages of one scale."""
+
+    def __init__(self, scale: Scale, out: Path, data_root: Optional[Path], device: str, quiet: bool = True):
+        self.scale, self.out, self.data_root, self.device, self.quiet = scale, Path(out), data_root, device, quiet
+        self.cache = self.out / "cache"
+
+    def available(self, name: str) -> Optional[str]:
+        """None if the data set can be loaded, else the reason it cannot."""
+        if name == "mnist-embedded":
+            return None
+        if self.data_root is None:
+            return f"no --data-root given for {name}"
+        from certnas.data import DataError, load_data
+        try:
+            load_data(name, self.data_root, image_size=self._image_size(name))
+        except DataError as error:
+            return str(error)
+        return None
+
+    def _stage(self, stage: str, key: str, marker: str, run) -> Path:
+        return cached_stage(self.cache, stage, key, marker, run)
+
+    def search(self, row: str, dataset: str, seed: int) -> Path:
+        config = SearchConfig(**{**self.scale.search, **ROWS[row]}, data=self._data(dataset), seed=seed,
+                              data_root=self._root(dataset), image_size=self.scale.image_size, device=self.device)
+        key = config_hash("search", asdict(config))
+        return self._stage("search", key, "genotype.json",
+                           lambda folder, resume: search(config, folder, resume=resume, force=not resume, quiet=self.quiet))
+
+    def train(self, row: str, dataset: str, seed: int) -> Path:
+        searched = self.search(row, dataset, seed)
+        config = TrainConfig(**self.scale.train, genotype=str(searched / "genotype.json"), data=self._data(dataset),
+                             data_root=self._root(dataset), image_size=self.scale.image_size, seed=seed,
+                             device=self.device)
+        return self._train_stage("train", config, searched)
+
+    def _train_stage(self, stage: str, config: TrainConfig, searched: Path) -> Path:
+        # The genotype path is where this clone keeps its cache: the key names the search stage instead,
+        # so a moved or cloned results folder keeps its cache.
+        key = config_hash(stage, {**asdict(config), "genotype": None}, searched.name)
+        return self._stage(stage, key, "model.pt",
+                           lambda folder, resume: train(config, folder, resume=resume, force=not resume, quiet=self.quiet))
+
+    def attack(self, model: Path, dataset: str, norm: str) -> Dict[str, Any]:
+        attacks = ("fgsm", "pgd", "cw") if norm == "inf" else ("autoattack",)
+        config = AttackConfig(attacks=attacks, eps=self.scale.eps[dataset][norm], norm=norm, steps=self.scale.attack_steps,
+                              n=self.scale.attack_n, autoattack_version=self.scale.autoattack_version,
+                              data_root=self._root(dataset), device=self.device)
+        return self._attack_stage(config, model)
+
+    def _attack_stage(self, config: AttackConfig, model: Path) -> Dict[str, Any]:
+        folder = self._stage("attack", config_hash("attack", asdict(config), model.parent.name), "attack.json",
+                             lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet))
+        return json.loads((folder / "attack.json").read_text())
+
+    def verify(self, model: Path, dataset: str, norm: str) -> Dict[str, Any]:
+        from certnas.io import load_model
+        from verifiers.verify import crown_feasible
+        import torch
+        probe = torch.rand(1, *self._input_shape(model))
+        # 4000: the ReLU limit of full CROWN when these tables were computed (no cpu-scale network is under it).
+        # Filling the CROWN column with the faster sparse CROWN of verifiers.bounds is still to be run.
+        methods = ("ibp", "crown-ibp") + (("crown",) if crown_feasible(load_model(model), probe, "crown",
+                                                                        PAPER_CROWN_MAX_RELUS) else ())
+        config = VerifyConfig(methods=methods, eps=self.scale.verify_eps[dataset][norm], norm=norm, n=self.scale.verify_n,
+                              radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
+                              radius_min=self.scale.radius_min,
+                              pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset), device=self.device)
+        folder = self._stage("verify", config_hash("verify", asdict(config), model.parent.name), "verify.json",
+                             lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet))
+        return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv"}
+
+    def transfer(self, row: str, seed: int) -> Dict[str, Any]:
+        """The row's CIFAR-10 cell trained on ImageNet, then FGSM / PGD at the scale's ImageNet eps."""
+        searched = self.search(row, "cifar10", seed)
+        settings = {**self.scale.train, **self.scale.imagenet["train"]}
+        config = TrainConfig(**settings, genotype=str(searched / "genotype.json"), data="imagenet",
+                             data_root=self._root("imagenet"), image_size=self._image_size("imagenet"), seed=seed,
+                             device=self.device)
+        trained = self._train_stage("transfer", config, searched)
+        summary = json.loads((trained / "summary.json").read_text())
+        record: Dict[str, Any] = {"row": row, "dataset": "imagenet", "seed": seed, "scale": self.scale.name,
+                                  "cell_searched_on": "cifar10", "train_test_acc": summary["test_acc"],
+                                  "train_test_top5_acc": summary.get("test_top5_acc"),
+                                  "test_samples": summary["test_samples"]}
+        attack = AttackConfig(attacks=("fgsm", "pgd"), eps=self.scale.imagenet["eps"], norm="inf",
+                              steps=self.scale.attack_steps, n=self.scale.attack_n, data_root=self._root("imagenet"),
+                              device=self.device)
+        for result in self._attack_stage(attack, trained / "model.pt")["results"]:
+            record[f"attack_{result['attack']}_inf"] = result["robust_accuracy"]
+        return record
+
+    def record(self, row: str, dataset: str, seed: int) -> Dict[str, Any]:
+        """One row, seed and dataset through the whole pipeline; returns its record."""
+        searched = self.search(row, dataset, seed)
+        trained = self.train(row, dataset, seed)
+        record: Dict[str, Any] = {"row": row, "dataset": dataset, "seed": seed, "scale": self.scale.name,
+                                  "search_seconds": json.loads((searched / "stage.json").read_text())["seconds"]
+                                  if (searched / "stage.json").is_file() else None,
+                                  "genotype": json.loads((searched / "genotype.json").read_text())["normal"],
+                                  "train_test_acc": json.loads((trained / "summary.json").read_text())["test_acc"]}
+        for norm in ("inf", "2"):
+            for result in self.attack(trained / "model.pt", dataset, norm)["results"]:
+                record[f"attack_{result['attack']}_{norm}"] = result["robust_accuracy"]
+            verified = self.verify(trained / "model.pt", dataset, norm)
+            record[f"radius_{norm}"] = verified["summary"]["radius"]
+            record[f"radius_csv_{norm}"] = str(verified["csv"].relative_to(self.out))
+            record[f"verify_eps_{norm}"] = self.scale.verify_eps[dataset][norm]
+            record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
+        return record
+
+    def _image_size(self, name: str) -> int:
+        return self.scale.imagenet["image_size"] if name == "imagenet" else self.scale.image_size
+
+    def _data(self, dataset: str) -> str:
+        return self.scale.mnist if dataset == "mnist" else dataset
+
+    def _root(self, dataset: str) -> Optional[str]:
+        return None if self._data(dataset) == "mnist-embedded" else (str(self.data_root) if self.data_root else None)
+
+    def _input_shape(self, model: Path):
+        from certnas.io import load_file
+        network = load_file(model, kind="model")[1]["network"]
+        return network["in_channels"], network["image_size"], network["image_size"]
