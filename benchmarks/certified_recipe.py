@@ -37,6 +37,8 @@ VARIANTS = {
     "cifar stem (28x28 cells)": {"stem": "cifar"},
     "3 cells, cifar stem": {"layers": 3, "stem": "cifar", "init_channels": 8},
     "crown-ibp": {"mode": "crown-ibp"},
+    "head grid 2": {"head_grid": 2},
+    "head grid 7": {"head_grid": 7},
 }
 
 
@@ -66,7 +68,11 @@ def main(argv=None) -> dict:
                          "crown-ibp": summary["test_crown-ibp_verified"], "seconds": round(time.time() - began),
                          "threads": torch.get_num_threads(), "parameters": summary["parameters"],
                          "settings": json.loads(json.dumps(asdict(config)))}
-        write_json(args.out, {"benchmark": "certified_recipe", "records": records, "environment": environment()})
+        # re-read first: variants may run in parallel processes writing the same file
+        stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        records = {**stored.get("records", {}), name: records[name]}
+        write_json(args.out, {**stored, "benchmark": "certified_recipe", "records": records,
+                              "environment": environment()})
         print(f"{name}: clean {summary['test_acc']:.3f}, ibp {summary['test_ibp_verified']:.3f}, "
               f"crown-ibp {summary['test_crown-ibp_verified']:.3f} ({records[name]['seconds']} s)", flush=True)
     rows = [records[name] for name in names if name in records]

@@ -318,6 +318,9 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.option("--stem", type=click.Choice(["cifar", "strided", "imagenet"]), default="strided", show_default=True,
               help="strided: one stride-2 3x3 convolution (cells at half the resolution); cifar: the same at stride 1 "
                    "(DARTS' CIFAR stem, the paper's); imagenet: three stride-2 convolutions (for large images).")
+@click.option("--head-grid", type=int, default=1, show_default=True,
+              help="Classifier input: 1 = global average pooling (DARTS); G = means over a GxG grid of the last "
+                   "maps, flattened (keeps where a feature is; must divide the map size).")
 @click.option("--drop-path", type=float, default=0.0, show_default=True,
               help="Drop-path probability, reached linearly by the last epoch (paper: 0.2; not with ibp/crown-ibp).")
 @click.option("--mode", type=click.Choice(["standard", "pgd", "ibp", "crown-ibp"]), default="standard",
@@ -357,7 +360,7 @@ def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, ga
 @click.pass_context
 @_fail_cleanly
 def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, network, hidden, layers,
-          init_channels, auxiliary, stem, drop_path, mode, eps_train, pgd_steps, warmup_epochs, ramp_epochs, eps_schedule,
+          init_channels, auxiliary, stem, head_grid, drop_path, mode, eps_train, pgd_steps, warmup_epochs, ramp_epochs, eps_schedule,
           eps_start, kappa_end, crown_rows, reg_weight, epochs, batch_size, optimizer, lr, max_loss, train_limit, out,
           resume, force):
     """Train a network from a genotype: standard, PGD, IBP or CROWN-IBP training."""
@@ -370,7 +373,7 @@ def train(ctx, data, data_root, image_size, eps, norm, device, seed, genotype, n
         raise ConfigError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
     config = TrainConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
                          network=network, genotype=genotype, layers=layers, init_channels=init_channels,
-                         auxiliary=auxiliary, stem=stem, drop_path=drop_path, hidden=widths, mode=mode, eps=eps,
+                         auxiliary=auxiliary, stem=stem, head_grid=head_grid, drop_path=drop_path, hidden=widths, mode=mode, eps=eps,
                          eps_train=eps_train, norm=norm, pgd_steps=pgd_steps, warmup_epochs=warmup_epochs,
                          ramp_epochs=ramp_epochs, eps_schedule=eps_schedule, eps_start=eps_start, kappa_end=kappa_end,
                          crown_rows=crown_rows, reg_weight=reg_weight, epochs=epochs, batch_size=batch_size,

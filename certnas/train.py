@@ -34,7 +34,7 @@ from certnas.io import save_model
 from certnas.files import atomic_write_json, environment
 from certnas.runs import collate, epoch_batches, run_epochs, start_run
 from certnas.space.genotype import NAMED, Genotype, GenotypeError
-from certnas.space.network import STEMS, NetworkConfig, build_network, odd_reduction
+from certnas.space.network import STEMS, NetworkConfig, build_network, final_map_size, odd_reduction
 from verifiers.bounds import parse_norm
 from certnas.errors import CertnasError
 
@@ -74,6 +74,7 @@ class TrainConfig:
     init_channels: int = 16
     auxiliary: bool = False
     stem: str = "strided"
+    head_grid: int = 1
     auxiliary_weight: float = 0.4
     drop_path: float = 0.0
     hidden: Tuple[int, ...] = (128, 128)
@@ -131,7 +132,7 @@ class TrainConfig:
                                    ("regulariser form", self.reg_form, REG_FORMS)):
             if value not in known:
                 raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
-        for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps"):
+        for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps", "head_grid"):
             if getattr(resolved, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(resolved, name)}")
         if self.eps < 0 or self.warmup_epochs < 0 or resolved.ramp_epochs < 0 or (self.eps_train or 0) < 0:
@@ -179,10 +180,13 @@ def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
     genotype = resolve_genotype(config.genotype).to_dict() if config.network == "darts" else None
     if config.network == "darts":
         check_even_reductions(info.image_size, config.layers, config.stem)
+        size = final_map_size(info.image_size, config.layers, config.stem)
+        if size % config.head_grid:
+            raise ConfigError(f"--head-grid {config.head_grid} does not divide the last cell's {size}x{size} maps")
     return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
-                         hidden=tuple(config.hidden), stem=config.stem)
+                         hidden=tuple(config.hidden), stem=config.stem, head_grid=config.head_grid)
 
 
 def smooth_ramp(progress: float, knee: float = 0.25, power: float = 4.0) -> float:

@@ -11,7 +11,7 @@ convolutions (depthwise where possible), products with constant masks, additions
   each a chain of ``max(a, b) = a + relu(b - a)`` over shifted copies taken by fixed one-hot
   convolutions; a window position outside the image adds a difference masked to zero, which equals
   excluding it (native max pooling pads with ``-inf``).
-- ``GlobalAvgPool``, ``ChannelMap``, ``ChannelAffine``, ``Normalize``, ``Zero``: fixed linear maps.
+- ``GlobalAvgPool``, ``GridAvgPool``, ``ChannelMap``, ``ChannelAffine``, ``Normalize``, ``Zero``: fixed linear maps.
 
 ``verifiers.rewrite.make_sound`` replaces a user's native layers by these automatically.
 """
@@ -172,6 +172,28 @@ class GlobalAvgPool(nn.Module):
         channels, height, width = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
         kernel = np.full((channels, 1, height, width), 1.0 / (height * width), dtype=np.float32)
         return F.conv2d(x, _constant(kernel, x), groups=channels).flatten(1)
+
+
+class GridAvgPool(nn.Module):
+    """Means over a ``grid`` x ``grid`` partition of the map, flattened channel-major,
+    ``(B, C, H, W) -> (B, C * grid * grid)``, as a fixed strided depthwise convolution; H and W must be
+    multiples of ``grid``. ``grid=1`` is :class:`GlobalAvgPool`."""
+
+    is_affine = True  # a fixed linear map: exact MILP encoding (verifiers.milp)
+
+    def __init__(self, grid: int):
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"grid must be at least 1, got {grid}")
+        self.grid = int(grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels, height, width = int(x.shape[1]), int(x.shape[-2]), int(x.shape[-1])
+        if height % self.grid or width % self.grid:
+            raise ValueError(f"a {height}x{width} map does not split into a {self.grid}x{self.grid} grid")
+        window = (height // self.grid, width // self.grid)
+        kernel = np.full((channels, 1) + window, 1.0 / (window[0] * window[1]), dtype=np.float32)
+        return F.conv2d(x, _constant(kernel, x), stride=window, groups=channels).flatten(1)
 
 
 class Normalize(nn.Module):

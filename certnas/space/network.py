@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from certnas.space.genotype import Genotype, GenotypeError
-from certnas.space.ops import OPS, FactorizedReduce, GlobalAvgPool, Identity, Normalize, ReLUConvBN
+from certnas.space.ops import OPS, FactorizedReduce, GlobalAvgPool, GridAvgPool, Identity, Normalize, ReLUConvBN
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -97,6 +97,14 @@ def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
     return None
 
 
+def final_map_size(image_size: int, layers: int, stem: str) -> int:
+    """Side of the last cell's output maps (convolutions with padding round odd sizes up)."""
+    size = image_size
+    for _ in range({"cifar": 0, "strided": 1, "imagenet": 3}.get(stem, 0)):
+        size = (size + 1) // 2
+    return size // 2 ** sum(is_reduction(i, layers) for i in range(layers))
+
+
 def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
     """DARTS' ImageNet stems: three stride-2 3x3 convolutions (8x smaller maps) before the first
     cell; the first gives the cell's s0, the second its s1."""
@@ -108,7 +116,8 @@ def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
 
 class DartsNetwork(nn.Module):
     """Stem, ``layers`` cells from ``genotype`` (reductions at 1/3 and 2/3 of the depth), global
-    average pooling, linear. ``stem``: ``cifar`` (one 3x3 convolution, full resolution),
+    average pooling (``head_grid`` 1, DARTS' head; or means over a ``head_grid`` x ``head_grid`` grid of
+    the last map, which keeps where a feature is), linear. ``stem``: ``cifar`` (one 3x3 convolution, full resolution),
     ``strided`` (the same convolution with stride 2: the cells see half the resolution, a quarter of
     the cost; 28x28 digits enter them at 14x14) or ``imagenet`` (:func:`imagenet_stems`, for large
     images). ``drop_path_prob`` (set by the trainer) and the auxiliary head are used
@@ -116,7 +125,7 @@ class DartsNetwork(nn.Module):
 
     def __init__(self, genotype: Genotype, C: int, num_classes: int, layers: int, in_channels: int,
                  mean, std, auxiliary: bool = False, stem_multiplier: int = 3, affine: bool = True,
-                 stem: str = "cifar"):
+                 stem: str = "cifar", head_grid: int = 1):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; known: {', '.join(STEMS)}")
@@ -145,8 +154,8 @@ class DartsNetwork(nn.Module):
             C_prev_prev, C_prev = C_prev, len(cell.concat) * C_curr
             if i == self.auxiliary_index:
                 self.auxiliary_head = AuxiliaryHead(C_prev, num_classes)
-        self.pool = GlobalAvgPool()
-        self.classifier = nn.Linear(C_prev, num_classes)
+        self.pool = GlobalAvgPool() if head_grid == 1 else GridAvgPool(head_grid)
+        self.classifier = nn.Linear(C_prev * head_grid ** 2, num_classes)
 
     def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(logits, auxiliary logits)``; the second is None in eval mode or without a head."""
@@ -168,7 +177,7 @@ class DartsNetwork(nn.Module):
 @dataclass(frozen=True)
 class NetworkConfig:
     """Everything needed to rebuild a network. kind: ``darts`` (genotype, layers, init_channels,
-    auxiliary) or ``mlp`` (hidden widths)."""
+    auxiliary, stem, head_grid) or ``mlp`` (hidden widths)."""
     kind: str
     in_channels: int
     image_size: int
@@ -181,6 +190,7 @@ class NetworkConfig:
     auxiliary: bool = False
     hidden: Tuple[int, ...] = field(default_factory=tuple)
     stem: str = "cifar"
+    head_grid: int = 1
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -200,7 +210,8 @@ def build_network(config: NetworkConfig) -> nn.Module:
             raise GenotypeError("a darts network needs a genotype")
         genotype = Genotype.from_dict(config.genotype)
         return DartsNetwork(genotype, config.init_channels, config.num_classes, config.layers, config.in_channels,
-                            config.mean, config.std, auxiliary=config.auxiliary, stem=config.stem)
+                            config.mean, config.std, auxiliary=config.auxiliary, stem=config.stem,
+                            head_grid=config.head_grid)
     if config.kind == "mlp":
         if not config.hidden:
             raise ValueError("an mlp needs at least one hidden layer")

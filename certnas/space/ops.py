@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # the sound layers live in verifiers.layers; re-exported here for the networks of certnas.space
-from verifiers.layers import (AvgPool3x3, ChannelMap, GlobalAvgPool, MaxPool2x2, MaxPool3x3,  # noqa: F401
+from verifiers.layers import (AvgPool3x3, ChannelMap, GlobalAvgPool, GridAvgPool, MaxPool2x2, MaxPool3x3,  # noqa: F401
                               Normalize, Zero, _check_even)
 
 OpConstructor = Callable[[int, int, bool], nn.Module]

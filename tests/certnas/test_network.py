@@ -149,3 +149,34 @@ def test_strided_stem_halves_the_cells_resolution_keeps_the_parameters_and_is_bo
         assert max_violation(net, x, eps, math.inf, lower, upper, samples=8, pgd_steps=5) <= 1e-5, method
         mine = interval_logit_bounds(net, x, eps, crown_ibp=method == "crown-ibp")
         assert torch.allclose(mine[0], lower, atol=1e-4) and torch.allclose(mine[1], upper, atol=1e-4)
+
+
+def test_grid_head_keeps_positions_loads_old_files_and_is_bounded_soundly_by_every_engine():
+    from verifiers.interval import interval_logit_bounds
+    config = NetworkConfig("darts", 1, 16, 10, (0.13,), (0.31,), genotype=NAMED["PC_DARTS"].to_dict(), layers=2,
+                           init_channels=4, stem="strided", head_grid=4)
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    old_file = {k: v for k, v in config.to_dict().items() if k != "head_grid"}  # written before grid heads
+    assert NetworkConfig.from_dict(old_file).head_grid == 1
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    assert net.classifier.in_features == 16 * 4 * 4  # 4 nodes x 4 channels, 4x4 grid of the 8x8 maps
+    x = torch.rand(2, 1, 16, 16)
+    assert net(x).shape == (2, 10)
+    eps = torch.full((2,), 0.01)
+    for method in ("ibp", "crown-ibp", "crown"):
+        lower, upper = compute_bounds(net, x, eps, norm="inf", method=method)
+        assert max_violation(net, x, eps, math.inf, lower, upper, samples=8, pgd_steps=5) <= 1e-5, method
+        if method != "crown":
+            mine = interval_logit_bounds(net, x, eps, crown_ibp=method == "crown-ibp")
+            assert torch.allclose(mine[0], lower, atol=1e-4) and torch.allclose(mine[1], upper, atol=1e-4)
+
+
+def test_a_head_grid_that_does_not_divide_the_last_maps_is_refused_before_training():
+    from certnas.config import ConfigError
+    from certnas.data import DataInfo
+    from certnas.train import TrainConfig, network_config
+    info = DataInfo(name="mnist-embedded", in_channels=1, image_size=32, num_classes=10, mean=(0.13,), std=(0.31,))
+    assert network_config(TrainConfig(head_grid=4), info).head_grid == 4  # 16x16 maps after the strided stem
+    with pytest.raises(ConfigError, match="--head-grid 3 does not divide the last cell's 16x16 maps"):
+        network_config(TrainConfig(head_grid=3), info)
