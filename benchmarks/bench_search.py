@@ -20,13 +20,13 @@ from certnas.data import INFO
 from certnas.search import Searcher, SearchConfig
 
 VARIANTS = {
-    "none": {"metric": "none"},
-    "none, ibp weight step": {"metric": "none", "weight_mode": "ibp"},
-    "clb crown-ibp": {"metric": "clb", "bound": "crown-ibp"},
-    "clb ibp": {"metric": "clb", "bound": "ibp"},
-    "jacobian exact": {"metric": "jacobian"},
-    "jacobian M=1": {"metric": "jacobian", "jacobian_projections": 1},
-    "combined": {"metric": "combined"},
+    "none": {"term": "none"},
+    "none, ibp weight step": {"term": "none", "weight_mode": "ibp"},
+    "clb crown-ibp": {"term": "clb", "bound": "crown-ibp"},
+    "clb ibp": {"term": "clb", "bound": "ibp"},
+    "jacobian exact": {"term": "jacobian"},
+    "jacobian M=1": {"term": "jacobian", "jacobian_projections": 1},
+    "combined": {"term": "combined"},
 }
 TARGETS = {"clb crown-ibp": 3.0, "jacobian exact": 2.0, "jacobian M=1": 2.0}
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.common import cached_stage, config_hash, environment, write_json
+from benchmarks.common import cached_stage, config_hash, stage_settings, environment, write_json
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.files import atomic_write_text
 from certnas.search import SearchConfig, search
@@ -32,16 +32,16 @@ from certnas.train import TrainConfig, train
 from certnas.verify_run import VerifyConfig, run_verify
 
 SEARCH_ROWS: Dict[str, Dict[str, Any]] = {
-    "DARTS": {"metric": "none"},
-    "PC-DARTS": {"metric": "none", "partial_channels": 2, "edge_normalization": True},
-    "SDARTS-ADV": {"metric": "sdarts-adv"},
-    "PGD search": {"metric": "pgd"},
+    "DARTS": {"term": "none"},
+    "PC-DARTS": {"term": "none", "partial_channels": 2, "edge_normalization": True},
+    "SDARTS-ADV": {"term": "none", "strategy": "sdarts-adv"},
+    "PGD search": {"term": "none", "strategy": "pgd"},
     # the certified weight step without the robustness term: separates what R adds from what IBP weights add
-    "DARTS (IBP weights)": {"metric": "none", "weight_mode": "ibp"},
-    "DSRNA-CB": {"metric": "clb"},
-    "DSRNA-CB (radius)": {"metric": "clb", "clb_form": "radius", "bound": "ibp"},
-    "DSRNA-Jacobian": {"metric": "jacobian"},
-    "DSRNA-Combined": {"metric": "combined"},
+    "DARTS (IBP weights)": {"term": "none", "weight_mode": "ibp"},
+    "DSRNA-CB": {"term": "clb"},
+    "DSRNA-CB (radius)": {"term": "clb", "clb_form": "radius", "bound": "ibp"},
+    "DSRNA-Jacobian": {"term": "jacobian"},
+    "DSRNA-Combined": {"term": "combined"},
 }
 RANDOM_CELLS = 5
 ROWS = list(SEARCH_ROWS) + [f"random-{i}" for i in range(1, RANDOM_CELLS + 1)]
@@ -106,7 +106,7 @@ class Experiment:
             return folder / "genotype.json"
         config = SearchConfig(**{**self.scale.search, **SEARCH_ROWS[row]}, data=self.scale.data, data_root=self.data_root,
                               seed=seed, device=self.device)
-        folder = cached_stage(self.cache, "search", config_hash("search", asdict(config)), "genotype.json",
+        folder = cached_stage(self.cache, "search", config_hash("search", stage_settings(config)), "genotype.json",
                               lambda f, resume: search(config, f, resume=resume, force=not resume, quiet=self.quiet))
         return folder / "genotype.json"
 
@@ -114,7 +114,7 @@ class Experiment:
         genotype = self.genotype(row, seed)
         config = TrainConfig(**self.scale.train, genotype=str(genotype), data=self.scale.data, data_root=self.data_root,
                              seed=seed, device=self.device)
-        key = config_hash("train", {**asdict(config), "genotype": None}, genotype.parent.name)
+        key = config_hash("train", {**stage_settings(config), "genotype": None}, genotype.parent.name)
         return cached_stage(self.cache, "train", key, "model.pt",
                             lambda f, resume: train(config, f, resume=resume, force=not resume, quiet=self.quiet))
 

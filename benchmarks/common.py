@@ -63,6 +63,27 @@ def print_table(rows: List[dict], columns: List[Tuple[str, str, str]]) -> None:
         print("  ".join(cells))
 
 
+# Settings added to a configuration after cached stages were made. They are left out of a stage's key
+# while they hold this value (what every earlier stage ran with), so the caches stay valid; any other
+# value is part of the key.
+ADDED_SETTINGS: Dict[str, Dict[str, Any]] = {"TrainConfig": {"head_grid": 1}}
+
+
+def stage_settings(config: Any) -> Dict[str, Any]:
+    """A config's settings as a stage key sees them: ``asdict`` without the added settings at their
+    old value, and a search's ``term`` and ``strategy`` as the one-word ``metric`` they were keyed by
+    before the split (where one word names them)."""
+    from dataclasses import asdict
+    settings = asdict(config)
+    for name, value in ADDED_SETTINGS.get(type(config).__name__, {}).items():
+        if name in settings and settings[name] == value:
+            del settings[name]
+    if {"term", "strategy"} <= set(settings) and getattr(config, "metric", None) is not None:
+        del settings["term"], settings["strategy"]
+        settings["metric"] = config.metric
+    return settings
+
+
 def config_hash(*parts: Any) -> str:
     """12 hex digits naming a configuration (the key of a cached stage)."""
     text = json.dumps(parts, sort_keys=True, default=str)

@@ -227,8 +227,14 @@ def main(ctx, verbose, quiet):
 @main.command()
 @data_options
 @common_options()
-@click.option("--metric", type=click.Choice(["none", "clb", "jacobian", "combined", "sdarts-adv", "pgd"]), default="clb",
-              show_default=True, help="Robustness term R: none (DARTS), clb, jacobian, combined; or a baseline.")
+@click.option("--metric", type=click.Choice(["none", "clb", "jacobian", "combined", "sdarts-adv", "pgd"]), default=None,
+              help="Term and strategy in one word: none (DARTS), clb, jacobian, combined (with the darts strategy), "
+                   "or a baseline strategy without a term: sdarts-adv, pgd.  [default: clb]")
+@click.option("--term", type=click.Choice(["none", "clb", "jacobian", "combined"]), default=_SEARCH.term,
+              show_default=True, help="Robustness term R of the architecture loss L_val - gamma * R.")
+@click.option("--strategy", type=click.Choice(["darts", "sdarts-adv", "pgd"]), default=_SEARCH.strategy,
+              show_default=True, help="How the search trains: darts, sdarts-adv (architecture weights perturbed in "
+                                      "the weight step) or pgd (weights and architecture on PGD examples).")
 @click.option("--gamma", type=float, default=_SEARCH.gamma, show_default=True, help="Weight of R in L_val - gamma * R.")
 @click.option("--bound", type=click.Choice(["ibp", "crown-ibp", "crown"]), default=_SEARCH.bound, show_default=True,
               help="Bound method of the clb metric.")
@@ -242,7 +248,7 @@ def main(ctx, verbose, quiet):
               help="0: exact Jacobian term (K backward passes); M: estimate from M random classes.")
 @click.option("--weight-mode", type=click.Choice(WEIGHT_MODES), default=_SEARCH.weight_mode, show_default=True,
               help="How the weight step trains the supernet: standard (DARTS), ibp or crown-ibp (certified training, "
-                   "eps ramped to --weight-eps); auto: ibp for --metric clb / combined, standard otherwise.")
+                   "eps ramped to --weight-eps); auto: ibp for the clb / combined terms with the darts strategy, standard otherwise.")
 @click.option("--weight-eps", type=EPS, default=None, help="Target eps of certified weight steps (default: --eps).")
 @click.option("--warmup-epochs", type=int, default=_SEARCH.warmup_epochs, show_default=True,
               help="Clean epochs before certified weight steps start.")
@@ -276,15 +282,21 @@ def main(ctx, verbose, quiet):
 @settings_file_option
 @click.pass_context
 @_fail_cleanly
-def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, gamma, bound, clb_form,
+def search(ctx, data, data_root, image_size, eps, norm, device, seed, metric, term, strategy, gamma, bound, clb_form,
            clb_scale, metric_samples, jacobian_projections, weight_mode, weight_eps, warmup_epochs, ramp_epochs, a_lr,
            arch_start_epoch, metric_follows_ramp, w_lr, stem, layers, init_channels, epochs, batch_size, train_limit, val_limit,
            partial_channels, edge_normalization, order, out, resume, force):
     """Differentiable architecture search maximising certified robustness."""
-    from certnas.search import SearchConfig, search as run_search
+    from certnas.config import ConfigError
+    from certnas.search import SearchConfig, search as run_search, split_metric
     _check_device(device)
+    if metric is not None:
+        from click.core import ParameterSource
+        if ParameterSource.COMMANDLINE in (ctx.get_parameter_source("term"), ctx.get_parameter_source("strategy")):
+            raise ConfigError("give --metric (term and strategy in one word) or --term / --strategy, not both")
+        term, strategy = split_metric(metric)
     config = SearchConfig(data=data, data_root=str(data_root) if data_root else None, image_size=image_size,
-                          metric=metric, gamma=gamma, bound=bound, eps=eps, norm=norm, clb_form=clb_form,
+                          term=term, strategy=strategy, gamma=gamma, bound=bound, eps=eps, norm=norm, clb_form=clb_form,
                           clb_scale=clb_scale, metric_samples=metric_samples,
                           jacobian_projections=jacobian_projections, weight_mode=weight_mode, weight_eps=weight_eps,
                           warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, a_lr=a_lr, arch_start_epoch=arch_start_epoch,

@@ -52,5 +52,15 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
     return cls(**current)
 
 
+def upgrade_saved(cls: Type[Any], saved: Mapping[str, Any]) -> dict:
+    """Settings of ``cls`` saved by an earlier version, in today's form: renamed settings translated
+    (``cls.upgrade``, where it has one) and settings added since then at their defaults."""
+    saved = dict(getattr(cls, "upgrade", dict)(saved))
+    for f in dataclasses.fields(cls):
+        if f.name not in saved and f.default is not dataclasses.MISSING:
+            saved[f.name] = f.default
+    return saved
+
+
 def to_json(config: Any) -> str:
     return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True, default=str)

@@ -51,6 +51,9 @@ def check_same_config(out: Path, config: Any) -> None:
     from certnas.config import ConfigError
     path = Path(out) / "config.json"
     saved = json.loads(path.read_text()) if path.is_file() and path.read_text().strip() else None
+    if saved is not None:
+        from certnas.config import upgrade_saved
+        saved = json.loads(json.dumps(upgrade_saved(type(config), saved), default=str))
     if saved is not None and saved != json.loads(json.dumps(asdict(config), default=str)):
         changed = sorted(k for k in set(saved) | set(asdict(config))
                          if saved.get(k) != json.loads(json.dumps(asdict(config), default=str)).get(k))

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,19 @@ from certnas.train import (TrainConfig, TrainingDivergedError, check_even_reduct
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("sdarts-adv", "pgd")
-SEARCH_METRICS = tuple(METRICS) + BASELINES
+TERMS = tuple(METRICS)  # the robustness term R of the architecture loss
+STRATEGIES = ("darts", "sdarts-adv", "pgd")  # how the search trains: DARTS, or the baselines' adversarial forms
+SEARCH_METRICS = TERMS + STRATEGIES[1:]  # --metric, the one-word form of both
+
+
+def split_metric(metric: str) -> Tuple[str, str]:
+    """``--metric NAME`` as ``(term, strategy)``: a robustness term searched the DARTS way, or a baseline
+    strategy (SDARTS-ADV, PGD search) without a term."""
+    if metric in TERMS:
+        return metric, "darts"
+    if metric in STRATEGIES:
+        return "none", metric
+    raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(SEARCH_METRICS)}")
 WEIGHT_MODES = ("auto", "standard", "ibp", "crown-ibp")  # certnas.cli lists the same
 
 
@@ -42,10 +53,13 @@ class SearchConfig:
     """Every setting of a search. The defaults are the embedded-MNIST CPU setting (see README);
     the paper's setting is layers=8, init_channels=16, epochs=50, stem=cifar on the full dataset.
 
+    ``term``: the robustness term R maximised by the architecture step (none, clb, jacobian, combined);
+    ``strategy``: darts, or a baseline's adversarial form (sdarts-adv perturbs the architecture weights in
+    the weight step, pgd trains and validates on PGD examples); ``--metric`` names both in one word.
     ``weight_mode``: how the weight step trains the supernet: ``standard`` (DARTS: cross entropy),
     ``ibp`` or ``crown-ibp`` (the certified training of ``certnas train``: ``warmup_epochs`` clean, then
-    eps ramped to ``weight_eps`` over ``ramp_epochs``), ``auto``: ibp for the clb and combined metrics
-    (a margin bound of an untrained supernet is -1e14 and says nothing), standard otherwise.
+    eps ramped to ``weight_eps`` over ``ramp_epochs``), ``auto``: ibp for the clb and combined terms
+    with the darts strategy (a margin bound of an untrained supernet is -1e14 and says nothing), standard otherwise.
     ``w_optimizer`` / ``w_lr``: ``auto`` / None follow the weight mode (Adam 3e-3 certified, SGD 0.025).
     ``arch_start_epoch``: architecture steps begin in this (0-based) epoch (PC-DARTS waits some epochs).
     ``metric_follows_ramp``: with a certified weight mode, R is measured at the weight step's current eps
@@ -55,7 +69,8 @@ class SearchConfig:
     data: str = "mnist-embedded"
     data_root: Optional[str] = None
     image_size: int = 32
-    metric: str = "clb"
+    term: str = "clb"
+    strategy: str = "darts"
     gamma: float = 0.05
     bound: str = "ibp"
     eps: float = 0.01
@@ -100,8 +115,9 @@ class SearchConfig:
     device: str = "cpu"
 
     def validate(self) -> "SearchConfig":
-        if self.metric not in SEARCH_METRICS:
-            raise ConfigError(f"unknown metric {self.metric!r}; known: {', '.join(SEARCH_METRICS)}")
+        for name, value, known in (("term", self.term, TERMS), ("strategy", self.strategy, STRATEGIES)):
+            if value not in known:
+                raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         if self.order not in (1, 2):
             raise ConfigError(f"order must be 1 or 2, got {self.order}")
         if self.bound not in ("ibp", "crown-ibp", "crown"):
@@ -118,8 +134,8 @@ class SearchConfig:
         for name, value, known in (("weight mode", self.weight_mode, WEIGHT_MODES), ("stem", self.stem, STEMS[:2])):
             if value not in known:
                 raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
-        if self.metric in BASELINES and self.resolved_weight_mode() != "standard":
-            raise ConfigError(f"the {self.metric} baseline has its own weight step; use --weight-mode standard")
+        if self.strategy != "darts" and self.resolved_weight_mode() != "standard":
+            raise ConfigError(f"the {self.strategy} strategy has its own weight step; use --weight-mode standard")
         if (self.weight_eps or 0) < 0 or self.warmup_epochs < 0 or (self.ramp_epochs or 0) < 0:
             raise ConfigError("weight_eps, warmup_epochs and ramp_epochs must be >= 0")
         if not 0 <= self.arch_start_epoch < self.epochs:
@@ -131,7 +147,22 @@ class SearchConfig:
     def resolved_weight_mode(self) -> str:
         if self.weight_mode != "auto":
             return self.weight_mode
-        return "ibp" if self.metric in ("clb", "combined") else "standard"
+        return "ibp" if self.term in ("clb", "combined") and self.strategy == "darts" else "standard"
+
+    @property
+    def metric(self) -> Optional[str]:
+        """The one-word ``--metric`` for this term and strategy; None for a combination it cannot name."""
+        if self.strategy == "darts":
+            return self.term
+        return self.strategy if self.term == "none" else None
+
+    @classmethod
+    def upgrade(cls, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """Settings saved before ``metric`` was split into ``term`` and ``strategy``, in today's form."""
+        saved = dict(saved)
+        if "metric" in saved:
+            saved["term"], saved["strategy"] = split_metric(saved.pop("metric"))
+        return saved
 
     def weight_training(self) -> TrainConfig:
         """The weight step's settings in the form final training takes them (its loss and schedule
@@ -165,10 +196,10 @@ class Searcher:
         check_even_reductions(info.image_size, config.layers, config.stem)
         if world.active and config.order != 1:
             raise ConfigError("second-order search (--order 2) runs in one process; use --order 1 with several ranks")
-        if world.active and config.metric in ("jacobian", "combined") and config.metric_samples == 0:
+        if world.active and config.term in ("jacobian", "combined") and config.metric_samples == 0:
             # its double backward would pass through the synchronised batch norm, whose gradient is
             # summed over ranks once, not differentiated again
-            raise ConfigError(f"--metric {config.metric} with --metric-samples 0 runs in one process; "
+            raise ConfigError(f"--term {config.term} with --metric-samples 0 runs in one process; "
                               "give --metric-samples N (measured whole on rank 0) with several ranks")
         self.net = build_supernet(config, info).to(self.device)
         self.weight_config = training = config.weight_training()
@@ -182,7 +213,7 @@ class Searcher:
         self.a_opt = torch.optim.Adam(self.net.searched_arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
                                       weight_decay=config.a_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, config.epochs, eta_min=config.w_lr_min)
-        self.metric_name = config.metric if config.metric in METRICS else "none"
+        self.metric_name = config.term
         self.metric_config = config.metric_config()
 
     # -- the architecture objective -------------------------------------------------------------
@@ -273,7 +304,7 @@ class Searcher:
         """One weight step at the schedule's ``plan`` (None: the clean loss) on this rank's shard, which
         holds ``share`` of the batch (the gradients are summed over ranks)."""
         plan = plan or {"eps": 0.0, "kappa": 1.0, "beta": 1.0, "progress": 0.0}
-        perturbation = self._sdarts_perturbation(x, y, share) if self.config.metric == "sdarts-adv" else None
+        perturbation = self._sdarts_perturbation(x, y, share) if self.config.strategy == "sdarts-adv" else None
         if perturbation is not None:
             with torch.no_grad():
                 for a, d in zip(self.net.arch_parameters(), perturbation):
@@ -345,7 +376,7 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
             val_index = val_order[step % len(val_order)]
             xv, yv = collate(splits.val, world.shard(val_index), device)
             metric = _metric_batch(world, splits.val, val_index, (xv, yv), config.metric_samples, device)
-            if config.metric == "pgd":
+            if config.strategy == "pgd":
                 x, xv = searcher.adversarial(x, y), searcher.adversarial(xv, yv)
             plan = schedule(searcher.weight_config, epoch * batches + step, batches)
             # before arch_start the architecture is not stepped, so its objective is not computed either

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from benchmarks.common import cached_stage, config_hash
+from benchmarks.common import cached_stage, config_hash, stage_settings
 from benchmarks.paper.scales import ROWS, Scale
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.search import SearchConfig, search
@@ -42,7 +42,7 @@ class Pipeline:
     def search(self, row: str, dataset: str, seed: int) -> Path:
         config = SearchConfig(**{**self.scale.search, **ROWS[row]}, data=self._data(dataset), seed=seed,
                               data_root=self._root(dataset), image_size=self.scale.image_size, device=self.device)
-        key = config_hash("search", asdict(config))
+        key = config_hash("search", stage_settings(config))
         return self._stage("search", key, "genotype.json",
                            lambda folder, resume: search(config, folder, resume=resume, force=not resume, quiet=self.quiet))
 
@@ -56,7 +56,7 @@ class Pipeline:
     def _train_stage(self, stage: str, config: TrainConfig, searched: Path) -> Path:
         # The genotype path is where this clone keeps its cache: the key names the search stage instead,
         # so a moved or cloned results folder keeps its cache.
-        key = config_hash(stage, {**asdict(config), "genotype": None}, searched.name)
+        key = config_hash(stage, {**stage_settings(config), "genotype": None}, searched.name)
         return self._stage(stage, key, "model.pt",
                            lambda folder, resume: train(config, folder, resume=resume, force=not resume, quiet=self.quiet))
 

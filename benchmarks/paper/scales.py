@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict
 
 ROWS: Dict[str, Dict[str, Any]] = {
-    "DARTS": {"metric": "none"},
-    "PC-DARTS": {"metric": "none", "partial_channels": 2, "edge_normalization": True},
-    "SDARTS-ADV": {"metric": "sdarts-adv"},
-    "PGD search": {"metric": "pgd"},
-    "DSRNA-CB": {"metric": "clb"},
-    "DSRNA-Jacobian": {"metric": "jacobian"},
-    "DSRNA-Combined": {"metric": "combined"},
+    "DARTS": {"term": "none"},
+    "PC-DARTS": {"term": "none", "partial_channels": 2, "edge_normalization": True},
+    "SDARTS-ADV": {"term": "none", "strategy": "sdarts-adv"},
+    "PGD search": {"term": "none", "strategy": "pgd"},
+    "DSRNA-CB": {"term": "clb"},
+    "DSRNA-Jacobian": {"term": "jacobian"},
+    "DSRNA-Combined": {"term": "combined"},
 }
 TABLES = ("game-mnist", "game-cifar10", "clean", "certified", "search-cost", "imagenet")
 

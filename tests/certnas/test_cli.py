@@ -61,7 +61,9 @@ def test_search_option_defaults_are_the_search_config_defaults():
 @pytest.mark.parametrize("args,message", [
     (["--eps", "2/0"], "division by zero"), (["--eps", "abc"], "not a number"), (["--eps", "-1"], ">= 0"),
     (["--metric", "fgsm"], "Invalid value for '--metric'"), (["--device", "cuda:7"], "--device"),
-    (["--data", "cifar10"], "needs --data-root"),
+    (["--data", "cifar10"], "needs --data-root"), (["--metric", "clb", "--term", "none"], "not both"),
+    (["--term", "clb", "--strategy", "pgd", "--weight-mode", "ibp"], "the pgd strategy has its own weight step"),
+    (["--metric", "sdarts-adv", "--weight-mode", "ibp"], "the sdarts-adv strategy has its own weight step"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, args, message):
     result = CliRunner().invoke(main, ["search", "--out", str(tmp_path / "out"), *args])

@@ -1,7 +1,7 @@
 """The search runs for every metric, is reproducible, resumes exactly, and writes its files."""
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -13,7 +13,7 @@ from certnas.search import SearchConfig, search
 from certnas.space.genotype import Genotype
 
 TINY = SearchConfig(layers=2, init_channels=4, steps=2, multiplier=2, batch_size=8, train_limit=16, val_limit=16, epochs=2,
-                    metric_samples=4, bound="ibp", metric="clb")  # weight steps: 1 clean epoch, then IBP
+                    metric_samples=4, bound="ibp", term="clb")  # weight steps: 1 clean epoch, then IBP
 
 
 def test_search_writes_genotype_history_checkpoint_and_pictures(tmp_path):
@@ -22,7 +22,7 @@ def test_search_writes_genotype_history_checkpoint_and_pictures(tmp_path):
     genotype = Genotype.from_dict(json.loads((out / "genotype.json").read_text()))
     assert genotype == Genotype.from_dict(record)
     saved = json.loads((out / "genotype.json").read_text())
-    assert saved["settings"]["metric"] == "clb" and saved["seed"] == 0 and "torch" in saved["versions"]
+    assert saved["settings"]["term"] == "clb" and saved["settings"]["strategy"] == "darts" and saved["seed"] == 0 and "torch" in saved["versions"]
     assert len(saved["arch_weights"]["normal"]) == 5  # edges of a 2-node cell
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -83,12 +83,12 @@ def test_resume_with_different_settings_is_refused(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", [
-    {"metric": "none"}, {"metric": "clb", "bound": "crown-ibp"}, {"metric": "clb", "clb_form": "radius"},
-    {"metric": "clb", "clb_scale": "linear"}, {"metric": "jacobian"}, {"metric": "jacobian", "jacobian_projections": 2},
-    {"metric": "combined"}, {"metric": "sdarts-adv", "sdarts_steps": 2}, {"metric": "pgd", "pgd_steps": 2},
-    {"metric": "clb", "order": 2}, {"metric": "clb", "partial_channels": 2, "edge_normalization": True},
-    {"metric": "clb", "norm": "2", "eps": 0.1}, {"metric": "clb", "layers": 3, "stem": "cifar", "weight_mode": "crown-ibp"},
-    {"metric": "none", "weight_mode": "ibp"},
+    {"term": "none"}, {"term": "clb", "bound": "crown-ibp"}, {"term": "clb", "clb_form": "radius"},
+    {"term": "clb", "clb_scale": "linear"}, {"term": "jacobian"}, {"term": "jacobian", "jacobian_projections": 2},
+    {"term": "combined"}, {"term": "none", "strategy": "sdarts-adv", "sdarts_steps": 2}, {"term": "none", "strategy": "pgd", "pgd_steps": 2},
+    {"term": "clb", "order": 2}, {"term": "clb", "partial_channels": 2, "edge_normalization": True},
+    {"term": "clb", "norm": "2", "eps": 0.1}, {"term": "clb", "layers": 3, "stem": "cifar", "weight_mode": "crown-ibp"},
+    {"term": "none", "weight_mode": "ibp"}, {"term": "clb", "strategy": "sdarts-adv", "sdarts_steps": 2},
 ], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_every_metric_and_option_runs_an_epoch(tmp_path, change):
     config = replace(TINY, epochs=1, train_limit=8, val_limit=8, warmup_epochs=0, **change)
@@ -106,9 +106,9 @@ def test_architecture_weights_move_with_the_metric(tmp_path):
     assert with_r["arch_weights"] != without["arch_weights"]
 
 
-@pytest.mark.parametrize("change,message", [({"metric": "fgsm"}, "unknown metric"), ({"order": 3}, "order must be"),
+@pytest.mark.parametrize("change,message", [({"term": "fgsm"}, "unknown term"), ({"strategy": "fgsm"}, "unknown strategy"), ({"order": 3}, "order must be"),
                                             ({"bound": "alpha-crown"}, "search bound"), ({"layers": 0}, "layers must be"),
-                                            ({"metric": "pgd", "weight_mode": "ibp"}, "own weight step"),
+                                            ({"strategy": "pgd", "weight_mode": "ibp"}, "own weight step"),
                                             ({"weight_mode": "pgd"}, "unknown weight mode"),
                                             ({"layers": 3}, "stride-2 pooling needs even sizes"),
                                             ({"arch_start_epoch": 2}, "architecture steps would start in epoch 3 of 2")])
@@ -128,3 +128,34 @@ def test_search_runs_on_test_sized_files_in_the_real_formats(tmp_path, dataset):
     record = search(config, tmp_path / "run", quiet=True)
     Genotype.from_dict(record)
     assert record["settings"]["data"] == dataset
+
+
+def test_metric_is_a_term_and_a_strategy_in_one_word_and_old_settings_upgrade():
+    from certnas.config import upgrade_saved
+    from certnas.search import SEARCH_METRICS, split_metric
+    assert [split_metric(m) for m in SEARCH_METRICS] == [
+        ("none", "darts"), ("clb", "darts"), ("jacobian", "darts"), ("combined", "darts"),
+        ("none", "sdarts-adv"), ("none", "pgd")]
+    for metric in SEARCH_METRICS:
+        term, strategy = split_metric(metric)
+        assert SearchConfig(term=term, strategy=strategy).metric == metric
+    assert SearchConfig(term="clb", strategy="pgd").metric is None
+    with pytest.raises(ConfigError, match="unknown metric 'fgsm'"):
+        split_metric("fgsm")
+    old = {k: v for k, v in asdict(TINY).items() if k not in ("term", "strategy")}
+    old["metric"] = "sdarts-adv"
+    assert upgrade_saved(SearchConfig, old) == asdict(replace(TINY, term="none", strategy="sdarts-adv"))
+    assert replace(TINY, strategy="sdarts-adv").resolved_weight_mode() == "standard"  # auto: the baseline's step
+
+
+def test_a_run_saved_with_the_one_word_metric_resumes(tmp_path):
+    run = tmp_path / "run"
+    search(replace(TINY, epochs=1, warmup_epochs=0), run, quiet=True)
+    saved = json.loads((run / "config.json").read_text())
+    saved["metric"] = saved.pop("term")
+    del saved["strategy"]
+    (run / "config.json").write_text(json.dumps(saved))  # as an earlier version wrote it
+    search(replace(TINY, epochs=1, warmup_epochs=0), run, resume=True, quiet=True)  # refused if it differed
+    with pytest.raises(ConfigError, match=r"settings differ .*\(strategy, weight_mode\)"):
+        search(replace(TINY, epochs=1, warmup_epochs=0, strategy="pgd", weight_mode="standard"), run, resume=True,
+               quiet=True)
