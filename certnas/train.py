@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
 from certnas.attacks import PGD
-from certnas.config import ConfigError
+from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+                            seed_setting, setting)
 from certnas.data import DataInfo
 from certnas.distributed import World, synchronise_batch_norm
 from certnas.io import save_model
@@ -65,49 +66,66 @@ class TrainConfig:
     crown-ibp) train 20 epochs, ramping eps over the first half after one clean epoch, with Adam at
     lr 3e-3 and IBP initialisation (Shi et al. 2021); standard and pgd train 10 epochs with SGD at
     lr 0.025 and PyTorch's default initialisation (pgd ramps eps over 2 epochs)."""
-    data: str = "mnist-embedded"
-    data_root: Optional[str] = None
-    image_size: int = 32
-    network: str = "darts"
-    genotype: str = "PC_DARTS"
-    layers: int = 2
-    init_channels: int = 16
-    auxiliary: bool = False
-    stem: str = "strided"
-    head_grid: int = 1
+    data: str = data_setting()
+    data_root: Optional[str] = data_root_setting()
+    image_size: int = setting(32, "Image size for --data imagenet.")
+    network: str = setting("darts", "darts: the cell network of --genotype; mlp: a plain ReLU MLP (small enough for "
+                           "--method milp).", choices=NETWORKS)
+    genotype: str = setting("PC_DARTS", "genotype.json from certnas search, or a published cell: DARTS_V1, DARTS_V2, "
+                            "PC_DARTS.")
+    layers: int = setting(2, "Cells (paper: 20; reduction cells at 1/3 and 2/3 of the depth from 3 cells on).")
+    init_channels: int = setting(16, "Initial channels (paper: 36).")
+    auxiliary: bool = setting(False, "Auxiliary head (weight 0.4).")
+    stem: str = setting("strided", "strided: one stride-2 3x3 convolution (cells at half the resolution); cifar: the "
+                        "same at stride 1 (DARTS' CIFAR stem, the paper's); imagenet: three stride-2 convolutions (for "
+                        "large images).", choices=STEMS)
+    head_grid: int = setting(0, "Classifier input: means over a GxG grid of the last cell's maps, flattened (keeps "
+                                "where a feature is; G must divide the map size); 1 = DARTS' global average pooling; "
+                                "0 = the largest G up to 7 that divides the map size (7 on 28x28 digits).")
     auxiliary_weight: float = 0.4
-    drop_path: float = 0.0
-    hidden: Tuple[int, ...] = (128, 128)
-    mode: str = "standard"
-    eps: float = 0.1
-    eps_train: Optional[float] = None
-    norm: str = "inf"
-    pgd_steps: int = 7
-    warmup_epochs: int = 1
-    ramp_epochs: Optional[int] = None
-    eps_schedule: str = "smooth"
-    eps_start: float = 1e-6
-    kappa_end: float = 0.0
+    drop_path: float = setting(0.0, "Drop-path probability, reached linearly by the last epoch (paper: 0.2; not with "
+                                    "ibp/crown-ibp).")
+    hidden: Tuple[int, ...] = setting((128, 128), "Hidden widths of --network mlp.", kind="ints")
+    mode: str = setting("standard", "Training objective.", choices=MODES)
+    eps: float = eps_setting(0.1, "0.1")
+    eps_train: Optional[float] = setting(None, "eps the robust modes train at (default: --eps, the eps reported in "
+                                               "the summary).", kind="eps")
+    norm: str = norm_setting()
+    pgd_steps: int = setting(7, "PGD steps of --mode pgd.")
+    warmup_epochs: int = setting(1, "Clean epochs before the eps ramp.")
+    ramp_epochs: Optional[int] = setting(None, "Epochs over which eps grows to its target (default: half the epochs "
+                                               "for ibp / crown-ibp, 2 for pgd).")
+    eps_schedule: str = setting("smooth", "Shape of the certified modes' eps ramp: smooth (slow polynomial start, "
+                                "then linear), linear, or log (equal time per decade from --eps-start).",
+                                choices=EPS_SCHEDULES)
+    eps_start: float = setting(1e-6, "Where --eps-schedule log starts.", kind="eps", shown="1e-6")
+    kappa_end: float = setting(0.0, "Weight of the clean loss at the end of the ramp (from 1): kappa CE + (1 - kappa) "
+                                    "robust CE.")
     beta_start: float = 1.0
     beta_end: float = 0.0
-    crown_rows: int = 1
-    reg_weight: float = 0.5
+    crown_rows: int = setting(1, "crown-ibp: back-substitute only the margins of this many classes with the lowest "
+                                 "IBP bound (0: all); the rest keep their IBP bound.")
+    reg_weight: float = setting(0.5, "Weight of the warm-up regulariser during the ramp (bound tightness and ReLU "
+                                     "balance; 0: off).")
     reg_tolerance: float = 0.5
     reg_form: str = "log"
-    epochs: Optional[int] = None
-    batch_size: int = 64
-    train_limit: int = 0
+    epochs: Optional[int] = setting(None, "Training epochs (default: 20 for ibp / crown-ibp, 10 otherwise; paper: "
+                                          "600).")
+    batch_size: int = setting(64, "Batch size.")
+    train_limit: int = setting(0, "Training samples per epoch (0: all).")
     eval_limit: int = 1000
-    optimizer: str = "auto"
-    lr: Optional[float] = None
+    optimizer: str = setting("auto", "auto: Adam for ibp / crown-ibp, SGD (momentum 0.9) otherwise.",
+                             choices=OPTIMIZERS)
+    lr: Optional[float] = setting(None, "Learning rate, cosine-annealed (default: 0.025 for SGD, 3e-3 for Adam).")
     lr_min: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     init: str = "auto"
-    max_loss: float = 1e4
-    seed: int = 0
-    device: str = "cpu"
+    max_loss: float = setting(1e4, "Stop (keeping the last good checkpoint) when a batch loss exceeds this; 0: only "
+                                   "a non-finite loss stops.")
+    seed: int = seed_setting()
+    device: str = device_setting()
 
     @property
     def certified(self) -> bool:
@@ -132,11 +150,13 @@ class TrainConfig:
                                    ("regulariser form", self.reg_form, REG_FORMS)):
             if value not in known:
                 raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
-        for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps", "head_grid"):
+        for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps"):
             if getattr(resolved, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(resolved, name)}")
         if self.eps < 0 or self.warmup_epochs < 0 or resolved.ramp_epochs < 0 or (self.eps_train or 0) < 0:
             raise ConfigError("eps, eps_train, warmup_epochs and ramp_epochs must be >= 0")
+        if self.head_grid < 0:
+            raise ConfigError(f"head_grid must be >= 0 (0: automatic), got {self.head_grid}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.crown_rows < 0 or self.reg_weight < 0 or not 0 < self.reg_tolerance <= 1 or self.max_loss < 0:
@@ -177,16 +197,20 @@ def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
+    """The network a training config describes on this data; ``head_grid`` 0 resolved to its grid."""
     genotype = resolve_genotype(config.genotype).to_dict() if config.network == "darts" else None
+    head_grid = 1
     if config.network == "darts":
         check_even_reductions(info.image_size, config.layers, config.stem)
         size = final_map_size(info.image_size, config.layers, config.stem)
-        if size % config.head_grid:
+        if config.head_grid and size % config.head_grid:
             raise ConfigError(f"--head-grid {config.head_grid} does not divide the last cell's {size}x{size} maps")
+        head_grid = config.head_grid or max(g for g in range(1, min(7, size) + 1) if size % g == 0)
     return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
-                         hidden=tuple(config.hidden), stem=config.stem, head_grid=config.head_grid)
+                         hidden=tuple(config.hidden), stem=config.stem,
+                         head_grid=head_grid)
 
 
 def smooth_ramp(progress: float, knee: float = 0.25, power: float = 4.0) -> float:

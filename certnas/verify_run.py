@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from certnas.attacks import PGD
-from certnas.config import ConfigError
+from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+                            samples_setting, seed_setting, setting)
 from certnas.distributed import World
 from certnas.evaluation import predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
@@ -29,24 +30,29 @@ from verifiers.verify import (METHODS, Status, attack_radius, cascade, crown_fea
 class VerifyConfig:
     """Settings of ``certnas verify``. methods: ``("all",)`` is the cascade; otherwise each listed
     method runs on every sample. radius_max: None is 0.5 (L-inf) or 5.0 (L2)."""
-    methods: Tuple[str, ...] = ("all",)
-    eps: float = 2 / 255
-    norm: str = "inf"
-    n: int = 100
-    radius: bool = False
-    radius_max: Optional[float] = None
-    radius_steps: int = 12
-    radius_min: float = 0.0
-    pgd_steps: int = 50
+    methods: Tuple[str, ...] = setting(("all",), "ibp, crown-ibp, crown, alpha-crown, milp, a comma-separated list "
+                                       "(each on every sample), or all (a cascade: attack, then cheap to strong, each "
+                                       "on the undecided samples).", kind="list", flag="--method", everything=("all",))
+    eps: float = eps_setting(2 / 255, "2/255")
+    norm: str = norm_setting()
+    n: int = samples_setting()
+    radius: bool = setting(False, "Also the certified radius per sample and method (batched bisection).", kind="flag")
+    radius_max: Optional[float] = setting(None, "Upper end of the radius search (default 0.5 L-inf, 5 L2).", kind="eps")
+    radius_steps: int = setting(12, "Bisection steps: radii are within radius-max / 2**steps.")
+    radius_min: float = setting(0.0, "> 0: bisect in log space on [radius-min, radius-max] (radii spanning many orders "
+                                     "of magnitude).", kind="eps", shown="0")
+    pgd_steps: int = setting(50, "Steps of the PGD that gives the upper bound and guards every certificate.")
     pgd_restarts: int = 1
-    batch_size: int = 64
-    milp_time_limit: float = 60.0
+    batch_size: int = setting(64, "Samples bounded at once.")
+    milp_time_limit: float = setting(60.0, "Seconds per MILP solve (one per other class); a timeout counts as not "
+                                           "certified.")
     milp_max_relus: int = 2000
-    crown_max_relus: int = 250000
-    data: Optional[str] = None
-    data_root: Optional[str] = None
-    seed: int = 0
-    device: str = "cpu"
+    crown_max_relus: int = setting(250000, "Largest network (ReLU neurons) crown / alpha-crown are run on (their cost "
+                                           "grows with it; 0: no limit).")
+    data: Optional[str] = data_setting(None)
+    data_root: Optional[str] = data_root_setting()
+    seed: int = seed_setting()
+    device: str = device_setting()
 
     def validate(self) -> "VerifyConfig":
         if self.methods != ("all",):

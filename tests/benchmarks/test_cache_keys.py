@@ -62,7 +62,8 @@ def test_every_committed_claim_record_finds_its_cached_search_and_training(monke
 
 
 def test_a_new_value_of_an_added_setting_is_part_of_the_key():
-    assert "head_grid" not in stage_settings(TrainConfig())
+    assert "head_grid" not in stage_settings(TrainConfig(head_grid=1))
     assert stage_settings(TrainConfig(head_grid=7))["head_grid"] == 7
+    assert stage_settings(TrainConfig())["head_grid"] == 0  # today's default is not what the caches ran with
     combined = stage_settings(SearchConfig(term="clb", strategy="pgd"))  # no one-word metric names it
     assert combined["term"] == "clb" and combined["strategy"] == "pgd" and "metric" not in combined

@@ -27,35 +27,51 @@ def test_every_option_has_help_text(command):
             assert param.help, f"{command.name} {param.opts} has no help"
 
 
-def test_train_option_defaults_are_the_training_config_defaults():
-    """The command line and the library default to the same recipe (options are written out in cli.py)."""
-    import dataclasses
-    from certnas.train import TrainConfig
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    checked = 0
-    for param in main.commands["train"].params:
-        if isinstance(param, click.Option) and param.name in defaults and param.name not in ("hidden", "data_root"):
-            value = param.default
-            if isinstance(param.type, click.ParamType) and isinstance(value, str) and param.name.startswith("eps"):
-                value = param.type.convert(value, param, None)
-            assert value == defaults[param.name], f"--{param.name}: cli {value!r}, TrainConfig {defaults[param.name]!r}"
-            checked += 1
-    assert checked >= 20
+CONFIGS = {"search": "certnas.search.SearchConfig", "train": "certnas.train.TrainConfig",
+           "attack": "certnas.attack_eval.AttackConfig", "verify": "certnas.verify_run.VerifyConfig"}
 
 
-def test_search_option_defaults_are_the_search_config_defaults():
+def _config_class(name):
+    import importlib
+    module, cls = CONFIGS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_options_are_generated_from_the_config_fields_and_default_to_them(name):
+    """Each setting is declared once, on its dataclass field: the option has its help, and the option
+    defaults build exactly the dataclass defaults."""
     import dataclasses
-    from certnas.search import SearchConfig, WEIGHT_MODES
     from certnas import cli
-    assert cli.WEIGHT_MODES == WEIGHT_MODES
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
-    checked = 0
-    for param in main.commands["search"].params:
-        if isinstance(param, click.Option) and param.name in defaults and param.name not in ("data_root", "eps"):
-            value = int(param.default) if param.name == "order" else param.default
-            assert value == defaults[param.name], f"--{param.name}: cli {value!r}, SearchConfig {defaults[param.name]!r}"
-            checked += 1
-    assert checked >= 20
+    cls, command = _config_class(name), main.commands[name]
+    ctx = click.Context(command)
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    declared = [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    assert len(declared) >= 10
+    values = {}
+    for field in declared:
+        option = options[field.name]
+        assert option.help == field.metadata["help"]
+        values[field.name] = option.type_cast_value(ctx, option.get_default(ctx))
+    assert cli.config_from_options(cls, values) == cls()
+
+
+def test_options_given_reach_the_config():
+    from certnas import cli
+    from certnas.train import TrainConfig
+    command = main.commands["train"]
+    ctx = command.make_context("train", ["--hidden", "5,4", "--eps", "2/255", "--auxiliary", "--head-grid", "7",
+                                         "--eps-start", "1e-5", "--data-root", "/tmp/x", "--mode", "ibp"])
+    settings = {k: v for k, v in ctx.params.items() if k not in ("out", "resume", "force", "config_file")}
+    config = cli.config_from_options(TrainConfig, settings)
+    assert (config.hidden, config.eps, config.auxiliary, config.head_grid, config.eps_start, config.data_root,
+            config.mode) == ((5, 4), 2 / 255, True, 7, 1e-5, "/tmp/x", "ibp")
+    ctx = main.commands["verify"].make_context("verify", ["m.pt", "--method", "ibp,crown", "--radius"])
+    settings = {k: v for k, v in ctx.params.items() if k in {f for f in ctx.params} - {"model", "shard", "out", "vnnlib",
+                                                                                          "timeout", "result_file",
+                                                                                          "config_file"}}
+    config = cli.config_from_options(_config_class("verify"), settings)
+    assert config.methods == ("ibp", "crown") and config.radius is True and config.eps == 2 / 255
 
 
 @pytest.mark.parametrize("args,message", [
