@@ -172,11 +172,15 @@ def test_grid_head_keeps_positions_loads_old_files_and_is_bounded_soundly_by_eve
             assert torch.allclose(mine[0], lower, atol=1e-4) and torch.allclose(mine[1], upper, atol=1e-4)
 
 
-def test_a_head_grid_that_does_not_divide_the_last_maps_is_refused_before_training():
+def test_the_automatic_head_grid_divides_the_last_maps_and_one_that_does_not_is_refused():
     from certnas.config import ConfigError
     from certnas.data import DataInfo
     from certnas.train import TrainConfig, network_config
     info = DataInfo(name="mnist-embedded", in_channels=1, image_size=32, num_classes=10, mean=(0.13,), std=(0.31,))
     assert network_config(TrainConfig(head_grid=4), info).head_grid == 4  # 16x16 maps after the strided stem
+    assert network_config(TrainConfig(), info).head_grid == 4  # automatic: the largest grid up to 7 dividing 16
+    digits = DataInfo(name="mnist-embedded", in_channels=1, image_size=28, num_classes=10, mean=(0.13,), std=(0.31,))
+    assert network_config(TrainConfig(), digits).head_grid == 7  # 14x14 maps
+    assert network_config(TrainConfig(network="mlp"), digits).head_grid == 1
     with pytest.raises(ConfigError, match="--head-grid 3 does not divide the last cell's 16x16 maps"):
         network_config(TrainConfig(head_grid=3), info)
