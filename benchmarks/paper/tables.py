@@ -8,26 +8,30 @@ from typing import Any, Dict, List
 from benchmarks.paper.scales import REPORTED, ROWS, Scale
 from certnas.files import atomic_write_text
 
-def _mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
-    values = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _mean_and_std(values: List[float]):
+    """(mean, sample std or None for one value), or None for no values."""
     if not values:
-        return "n/a"
+        return None
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _mean_std(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
+    stats = _mean_and_std([v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))])
+    if stats is None:
+        return "n/a"
+    mean, std = stats
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _mean_std_sci(values: List[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    stats = _mean_and_std([v for v in values if v is not None])
+    if stats is None:
         return "n/a"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.3g}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.3g} ± {std:.2g}"
+    mean, std = stats
+    return f"{mean:.3g}" if std is None else f"{mean:.3g} ± {std:.2g}"
 
 
 def _add_reported(line: Dict[str, Any], key: tuple, header: str) -> None:

@@ -83,12 +83,18 @@ def is_reduction(i: int, layers: int) -> bool:
     return layers >= 3 and i in (layers // 3, 2 * layers // 3)
 
 
-def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
-    """None if every reduction cell of this network gets even-sized maps (stride-2 pooling needs
-    them), else which cell does not and at what size."""
+def _stem_size(image_size: int, stem: str) -> int:
+    """Side of the maps the first cell gets (stride-2 convolutions with padding round odd sizes up)."""
     size = image_size
     for _ in range({"cifar": 0, "strided": 1, "imagenet": 3}.get(stem, 0)):
         size = (size + 1) // 2
+    return size
+
+
+def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
+    """None if every reduction cell of this network gets even-sized maps (stride-2 pooling needs
+    them), else which cell does not and at what size."""
+    size = _stem_size(image_size, stem)
     for i in range(layers):
         if is_reduction(i, layers):
             if size % 2:
@@ -98,11 +104,8 @@ def odd_reduction(image_size: int, layers: int, stem: str) -> Optional[str]:
 
 
 def final_map_size(image_size: int, layers: int, stem: str) -> int:
-    """Side of the last cell's output maps (convolutions with padding round odd sizes up)."""
-    size = image_size
-    for _ in range({"cifar": 0, "strided": 1, "imagenet": 3}.get(stem, 0)):
-        size = (size + 1) // 2
-    return size // 2 ** sum(is_reduction(i, layers) for i in range(layers))
+    """Side of the last cell's output maps."""
+    return _stem_size(image_size, stem) // 2 ** sum(is_reduction(i, layers) for i in range(layers))
 
 
 def imagenet_stems(in_channels: int, C: int) -> Tuple[nn.Module, nn.Module]:
