@@ -180,10 +180,11 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
             rows += [{**r.row(), "mode": "eps"} for r in results]
         if config.radius and len(x):
             radius_methods = [m for m in methods if m not in skipped]
-            found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
-                          steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update, **common)
-            rows += [{**r.row(), "mode": "radius"} for r in found]
             upper = attack_radius(model, x, y, falsifier, eps_max=config.eps_max, steps=config.radius_steps)
+            found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
+                          steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update,
+                          attack_upper=upper, **common)
+            rows += [{**r.row(), "mode": "radius"} for r in found]
             prediction = predict(model, x).tolist()
             for i, value in enumerate(upper.tolist()):
                 rows.append({"index": indices[i], "label": int(y[i]), "prediction": prediction[i],

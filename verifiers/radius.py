@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -11,8 +11,9 @@ from verifiers.bounds import BoundMethod, margin_lower_bound
 
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Union[float, str] = math.inf,
-                     method: Union[str, BoundMethod] = "crown-ibp", eps_max: float = 1.0,
-                     steps: int = 15, eps_min: float = 0.0) -> torch.Tensor:
+                     method: Union[str, BoundMethod] = "crown-ibp", eps_max: Union[float, torch.Tensor] = 1.0,
+                     steps: int = 15, eps_min: float = 0.0,
+                     attacked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample certified radius by bisection on [0, eps_max], all samples at once.
 
     x: (B, ...) in [0, 1]; y: (B,). Returns (B,) radii in pixel units; each returned radius is one
@@ -26,14 +27,22 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     true bisection radius lies within a factor ``(eps_max / eps_min) ** (1 / 2**steps)`` above.
     Keep eps_min above the input's float resolution (about 1e-7 for float32 pixels in [0, 1]):
     below it the ball holds no representable point other than x, and a "radius" certifies rounding.
+
+    eps_max may be a (B,) tensor, e.g. attack radii (no sound radius exceeds them, so bisecting below
+    them loses nothing and resolves finer); ``attacked`` (B,) bool marks samples whose eps_max an attack
+    already broke: no bound is computed there (it cannot certify), which saves the costliest probe.
     """
     batch = x.shape[0]
     log = eps_min > 0
     lower = torch.full((batch,), float(eps_min) if log else 0.0, device=x.device, dtype=x.dtype)
-    upper = torch.full((batch,), float(eps_max), device=x.device, dtype=x.dtype)
+    upper = torch.as_tensor(eps_max, device=x.device, dtype=x.dtype).expand(batch).clone().clamp_min(float(eps_min))
+    attacked = torch.zeros(batch, dtype=torch.bool, device=x.device) if attacked is None else attacked.to(x.device)
     with torch.no_grad():
         certified_zero = margin_lower_bound(model, x, y, float(eps_min), norm=norm, method=method) > 0
-        at_max = margin_lower_bound(model, x, y, upper, norm=norm, method=method) > 0
+        at_max = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        probe = (certified_zero & ~attacked).nonzero().flatten()
+        if len(probe):
+            at_max[probe] = margin_lower_bound(model, x[probe], y[probe], upper[probe], norm=norm, method=method) > 0
         lower = torch.where(at_max, upper, lower)
         active = certified_zero & ~at_max
         for _ in range(steps):

@@ -339,15 +339,27 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
           eps_max: float = 0.5, steps: int = 12, eps_min: float = 0.0, indices: Optional[Sequence[int]] = None,
           falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
           milp_max_relus: int = 2000, crown_max_relus: int = 250000,
-          progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+          progress: Optional[Callable[[int], None]] = None,
+          attack_upper: Optional[torch.Tensor] = None) -> List[SampleResult]:
     """Certified radius per sample and method (batched bisection; per-sample MILP bisection for
     milp), each attacked at its radius by the guard. Radii are within ``eps_max / 2**steps`` below
-    the bisection limit of the method."""
+    the bisection limit of the method.
+
+    With a falsifier, every method bisects below each sample's attack radius (``attack_upper``, or
+    computed here by ``attack_radius``): no sound radius exceeds it, so the bisection resolves finer
+    and never bounds at an eps an attack already broke (the costliest probes of full CROWN)."""
     from verifiers.radius import certified_radius
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     with torch.no_grad():
         prediction = model(x).argmax(1)
+    if attack_upper is None and falsifier is not None and len(x):
+        attack_upper = attack_radius(model, x, y, falsifier, eps_max=eps_max, steps=steps)
+    if attack_upper is None:
+        upper, attacked = torch.full((len(x),), float(eps_max), device=x.device, dtype=x.dtype), None
+    else:
+        upper = attack_upper.to(device=x.device, dtype=x.dtype).clamp(max=float(eps_max))
+        attacked = upper < float(eps_max)
     results: List[SampleResult] = []
     for method in methods:
         check_crown_size(model, x, method, crown_max_relus)
@@ -355,8 +367,6 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
         if REGISTRY[method].exact:
             check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
             # the exact radius lies below any attack radius: bisect on [0, attack radius]
-            upper = (attack_radius(model, x, y, falsifier, eps_max=eps_max, steps=steps) if falsifier is not None
-                     else torch.full((len(x),), float(eps_max)))
             values = []
             for i in range(len(x)):
                 values.append(milp_radius(model, x[i], int(y[i]), eps_max=float(upper[i]), steps=steps,
@@ -369,8 +379,9 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
             step = method_batch_size(model, x, method, batch_size)
             for start in range(0, len(x), step):
                 part = slice(start, start + step)
-                parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=eps_max,
-                                              steps=steps, eps_min=eps_min))
+                parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=upper[part],
+                                              steps=steps, eps_min=eps_min,
+                                              attacked=None if attacked is None else attacked[part]))
                 if progress is not None:
                     progress(len(x[part]))
             radius = torch.cat(parts)

@@ -15,8 +15,8 @@ row, seed and dataset) and ``run.json`` (command, git commit, versions) go to ``
 Modules: ``scales`` (rows, scales, published numbers), ``pipeline`` (the cached stages), ``tables``,
 ``figures``, ``run`` (the command line).
 """
-from benchmarks.paper.pipeline import PAPER_CROWN_MAX_RELUS, Pipeline
+from benchmarks.paper.pipeline import Pipeline
 from benchmarks.paper.run import main
 from benchmarks.paper.scales import PAPER_PROTOCOL, REPORTED, ROWS, SCALES, TABLES, Scale
 
-__all__ = ["PAPER_CROWN_MAX_RELUS", "PAPER_PROTOCOL", "Pipeline", "REPORTED", "ROWS", "SCALES", "Scale", "TABLES", "main"]
+__all__ = ["PAPER_PROTOCOL", "Pipeline", "REPORTED", "ROWS", "SCALES", "Scale", "TABLES", "main"]

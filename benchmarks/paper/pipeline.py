@@ -13,9 +13,6 @@ from certnas.search import SearchConfig, search
 from certnas.train import TrainConfig, train
 from certnas.verify_run import VerifyConfig, run_verify
 
-PAPER_CROWN_MAX_RELUS = 4000
-
-
 class Pipeline:
     """Runs (or reuses) the cached stages of one scale."""
 
@@ -72,19 +69,16 @@ class Pipeline:
                              lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet))
         return json.loads((folder / "attack.json").read_text())
 
-    def verify(self, model: Path, dataset: str, norm: str) -> Dict[str, Any]:
-        from certnas.io import load_model
-        from verifiers.verify import crown_feasible
-        import torch
-        probe = torch.rand(1, *self._input_shape(model))
-        # 4000: the ReLU limit of full CROWN when these tables were computed (no cpu-scale network is under it).
-        # Filling the CROWN column with the faster sparse CROWN of verifiers.bounds is still to be run.
-        methods = ("ibp", "crown-ibp") + (("crown",) if crown_feasible(load_model(model), probe, "crown",
-                                                                        PAPER_CROWN_MAX_RELUS) else ())
-        config = VerifyConfig(methods=methods, eps=self.scale.verify_eps[dataset][norm], norm=norm, n=self.scale.verify_n,
+    def verify(self, model: Path, dataset: str, norm: str, methods=("ibp", "crown-ibp"),
+               n: Optional[int] = None) -> Dict[str, Any]:
+        """Verified accuracy at the scale's eps and certified radii of ``methods`` on ``n`` (default
+        ``verify_n``) test samples; CROWN (``crown``) is refused by no network size here."""
+        config = VerifyConfig(methods=tuple(methods), eps=self.scale.verify_eps[dataset][norm], norm=norm,
+                              n=self.scale.verify_n if n is None else n,
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
                               radius_min=self.scale.radius_min,
-                              pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset), device=self.device)
+                              pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset), device=self.device,
+                              **({"crown_max_relus": 0} if "crown" in methods else {}))
         folder = self._stage("verify", config_hash("verify", asdict(config), model.parent.name), "verify.json",
                              lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet))
         return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv"}
@@ -124,6 +118,11 @@ class Pipeline:
             verified = self.verify(trained / "model.pt", dataset, norm)
             record[f"radius_{norm}"] = verified["summary"]["radius"]
             record[f"radius_csv_{norm}"] = str(verified["csv"].relative_to(self.out))
+            if self.scale.crown_n:
+                crown = self.verify(trained / "model.pt", dataset, norm, methods=("crown",), n=self.scale.crown_n)
+                record[f"radius_{norm}"]["crown"] = crown["summary"]["radius"]["crown"]
+                record[f"crown_csv_{norm}"] = str(crown["csv"].relative_to(self.out))
+                record["crown_n"] = self.scale.crown_n
             record[f"verify_eps_{norm}"] = self.scale.verify_eps[dataset][norm]
             record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
         return record

@@ -48,6 +48,10 @@ class Scale:
     # orders of magnitude. Below ~1e-7 a float32 pixel near 1 cannot move at all, so smaller "radii"
     # would certify rounding, not robustness.
     radius_min: float = 1e-6
+    # Full CROWN's certified radius on the first crown_n of the verify_n samples (a subset: the same
+    # seeded draw), a stage of its own: on standard-trained networks CROWN costs 10-60 s per bound on a
+    # CPU, so it runs on fewer samples than IBP / CROWN-IBP. 0: no CROWN column (cpu scale: --crown-n).
+    crown_n: int = 0
     # ImageNet transfer: the CIFAR-10 cell trained on ImageNet. image_size, attack eps (L-inf, pixels)
     # and the training settings that differ from ``train``.
     imagenet: Dict[str, Any] = field(default_factory=lambda: {"image_size": 32, "eps": 1 / 255, "train": {}})
@@ -77,6 +81,7 @@ SCALES = {
                   train={"head_grid": 1, "layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50,
                          "stem": "cifar"},
                   attack_n=10, attack_steps=3, autoattack_version="fast", verify_n=8, radius_steps=3, verify_pgd_steps=2,
+                  crown_n=2,
                   eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                   verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
                   imagenet={"image_size": 16, "eps": 1 / 255, "train": {}}),
@@ -87,7 +92,7 @@ SCALES = {
                    train={"head_grid": 1, "layers": 20, "init_channels": 36, "epochs": 600, "batch_size": 96, "auxiliary": True,
                           "drop_path": 0.2, "eval_limit": 0, "stem": "cifar"},
                    attack_n=1000, attack_steps=100, autoattack_version="standard", verify_n=1000, radius_steps=15,
-                   verify_pgd_steps=50,
+                   verify_pgd_steps=50, crown_n=100,
                    eps={"mnist": {"inf": 0.1, "2": 1.0}, "cifar10": {"inf": 8 / 255, "2": 0.5}},
                    verify_eps={"mnist": {"inf": 0.01, "2": 0.1}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                    mnist="mnist",

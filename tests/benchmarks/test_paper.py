@@ -16,6 +16,17 @@ def test_paper_pipeline_runs_end_to_end_and_reuses_its_cache(tmp_path):
     assert (out / "radius_mnist_inf.png").read_bytes()[:4] == b"\x89PNG"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert {r["row"] for r in records} == {"DARTS", "DSRNA-CB"}
+    import pandas as pd
+    certified = pd.read_csv(out / "certified_mnist.csv")
+    for record in records:  # full CROWN's radii on the scale's first crown_n samples, every row and norm
+        for norm in ("inf", "2"):
+            crown = pd.read_csv(out / record[f"crown_csv_{norm}"])
+            crown = crown[(crown["mode"] == "radius") & (crown["method"] == "crown")]
+            assert len(crown) == paper.SCALES["tiny"].crown_n and (crown["radius"] >= 0).all()
+            assert record[f"radius_{norm}"]["crown"]["median"] == pytest.approx(crown["radius"].median())
+            main = pd.read_csv(out / record[f"radius_csv_{norm}"])
+            assert set(crown["index"]) <= set(main["index"])  # a subset of the IBP / CROWN-IBP samples
+    assert not certified[["L-inf crown mean / median", "L2 crown mean / median"]].isin(["n/a"]).any().any()
     assert "git_commit" in json.loads((out / "run.json").read_text())["versions"]
     stages = sorted(p.name for p in (out / "cache").iterdir())
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(out)])  # all cached

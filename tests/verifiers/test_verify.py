@@ -137,3 +137,33 @@ def test_norms_and_methods_are_closed_sets():
         get_method("crwn")
     with pytest.raises(BoundInputError, match="unknown method 'crwn'"):
         parse_methods("ibp,crwn")
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_radius_below_attack_radii_is_certified_and_resolves_finer(log):
+    """Bisecting below each sample's attack radius: every radius is one whose margin bound is positive,
+    none exceeds the attack radius, and none is coarser than the [0, eps_max] bisection's."""
+    from verifiers.bounds import margin_lower_bound
+    from verifiers.radius import certified_radius
+    model, x, y = _tiny(5)
+    eps_min = 1e-4 if log else 0.0
+    upper = attack_radius(model, x, y, _falsifier(model), eps_max=0.5, steps=10)
+    attacked = upper < 0.5
+    assert attacked.any()
+    wide = certified_radius(model, x, y, method="crown", eps_max=0.5, steps=6, eps_min=eps_min)
+    narrow = certified_radius(model, x, y, method="crown", eps_max=upper, steps=6, eps_min=eps_min, attacked=attacked)
+    assert (narrow <= upper + 1e-12).all()
+    # the bracket's resolution (upper / 2**6, or a factor (upper / eps_min) ** (1 / 2**6)) is finer than
+    # [0, eps_max]'s, and wide is a certified eps, so narrow is at most one resolution step below it
+    below = narrow * (upper / eps_min) ** (1 / 64) if log else narrow + upper / 64
+    assert (below >= wide - 1e-9).all(), (narrow, wide)
+    positive = narrow > 0
+    assert positive.any()
+    bound = margin_lower_bound(model, x[positive], y[positive], narrow[positive], method="crown")
+    assert (bound > 0).all()
+    found = radii(model, x, y, methods=["crown"], eps_max=0.5, steps=6, eps_min=eps_min, falsifier=_falsifier(model),
+                  attack_upper=upper)
+    assert [r.radius for r in found] == pytest.approx(narrow.tolist())
+    own = radii(model, x, y, methods=["crown"], eps_max=0.5, steps=6, eps_min=eps_min, falsifier=_falsifier(model))
+    own_upper = attack_radius(model, x, y, _falsifier(model), eps_max=0.5, steps=6)  # what radii computes itself
+    assert all(r.radius <= float(own_upper[r.index]) + 1e-12 for r in own)
