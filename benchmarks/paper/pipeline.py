@@ -72,7 +72,7 @@ class Pipeline:
     def verify(self, model: Path, dataset: str, norm: str, methods=("ibp", "crown-ibp"),
                n: Optional[int] = None) -> Dict[str, Any]:
         """Verified accuracy at the scale's eps and certified radii of ``methods`` on ``n`` (default
-        ``verify_n``) test samples; CROWN (``crown``) is refused by no network size here."""
+        ``verify_n``) test samples; with ``crown`` in ``methods``, no network size limit applies."""
         config = VerifyConfig(methods=tuple(methods), eps=self.scale.verify_eps[dataset][norm], norm=norm,
                               n=self.scale.verify_n if n is None else n,
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
@@ -135,8 +135,3 @@ class Pipeline:
 
     def _root(self, dataset: str) -> Optional[str]:
         return None if self._data(dataset) == "mnist-embedded" else (str(self.data_root) if self.data_root else None)
-
-    def _input_shape(self, model: Path):
-        from certnas.io import load_file
-        network = load_file(model, kind="model")[1]["network"]
-        return network["in_channels"], network["image_size"], network["image_size"]
