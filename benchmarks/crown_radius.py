@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.common import environment, print_table, write_json
 from certnas.data import load_data
-from certnas.io import load_model
+from certnas.io import ModelFileError, load_model_with_meta
 from certnas.verify_run import VerifyConfig, falsifier_for
-from verifiers.verify import attack_radius, radii
+from verifiers.verify import METHODS, attack_radius, radii
 
 
 def main(argv=None) -> dict:
@@ -39,7 +39,18 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    model = load_model(args.model, map_location=device).eval()
+    unknown = [m for m in methods if m not in METHODS or m == "milp"]
+    if not methods or unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(m for m in METHODS if m != 'milp')}")
+    if args.n < 1 or args.steps < 1 or not 0 < args.eps_min < args.eps_max:
+        parser.error("need --n >= 1, --steps >= 1 and 0 < --eps-min < --eps-max")
+    try:
+        model, meta = load_model_with_meta(args.model, map_location=device)
+    except ModelFileError as error:
+        parser.error(str(error))
+    network = meta["network"]
+    if (network.get("in_channels"), network.get("image_size"), network.get("num_classes")) != (1, 28, 10):
+        parser.error(f"{args.model}: needs a network of 1x28x28 digits and 10 classes (the embedded test digits)")
     test = load_data("mnist-embedded", seed=0, image_size=28).test
     falsifier = falsifier_for(model, VerifyConfig())
     rows = []

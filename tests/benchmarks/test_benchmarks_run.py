@@ -56,3 +56,34 @@ def test_width_gain_ranks_operations_and_writes_a_record(tmp_path):
     assert gains["none"] == 0 and gains["skip_connect"] == pytest.approx(1.0)
     assert gains["avg_pool_3x3"] < gains["dil_conv_3x3"] < gains["sep_conv_3x3"] < gains["sep_conv_5x5"]
     assert json.loads(out.read_text())["networks"][0]["cell"] == "DARTS_V1"
+
+
+def _mlp_file(path, in_channels=1, size=28):
+    import torch
+    from certnas.data import INFO
+    from certnas.io import save_model
+    from certnas.space.network import NetworkConfig, build_network
+    info = INFO["mnist-embedded"]
+    torch.manual_seed(0)
+    config = NetworkConfig("mlp", in_channels, size, 10, info.mean, info.std, hidden=(16, 16))
+    save_model(build_network(config), path, network=config.to_dict())
+    return path
+
+
+def test_crown_radius_writes_radii_below_the_attack_radius(tmp_path):
+    from benchmarks import crown_radius
+    out = tmp_path / "crown_radius.json"
+    crown_radius.main(["--model", str(_mlp_file(tmp_path / "mlp.pt")), "--n", "3", "--methods", "ibp,crown",
+                       "--steps", "3", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert len(record["rows"]) == 3
+    for row in record["rows"]:
+        assert 0 <= row["ibp"] <= row["attack"] and 0 <= row["crown"] <= row["attack"]
+    assert record["summary"]["medians"]["crown"] == sorted(r["crown"] for r in record["rows"])[1]
+    for bad in (["--methods", "milp"], ["--eps-min", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            crown_radius.main(["--model", str(tmp_path / "mlp.pt"), *bad, "--out", str(out)])
+        assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:  # not a network of the embedded digits
+        crown_radius.main(["--model", str(_mlp_file(tmp_path / "rgb.pt", 3, 32)), "--out", str(out)])
+    assert stop.value.code == 2
