@@ -57,9 +57,13 @@ class Scale:
     imagenet: Dict[str, Any] = field(default_factory=lambda: {"image_size": 32, "eps": 1 / 255, "train": {}})
 
 
-# The paper's protocol: the supernet's weights get standard training, DARTS' architecture learning rate
-# and the paper's gamma (certnas search's defaults differ since the claim experiment, benchmarks/claim.py).
-PAPER_PROTOCOL = {"stem": "cifar", "weight_mode": "standard", "a_lr": 3e-4, "gamma": 0.01}
+# The paper's protocol: the supernet's weights get standard training, DARTS' architecture learning rate,
+# the paper's gamma and a linear-relaxation CLB (CROWN-IBP), the settings the committed tables were made
+# with. certnas search's defaults differ since the claim experiment (benchmarks/claim.py); the bound was
+# left out here when its default became IBP, which silently changed the protocol (IBP derives another
+# DSRNA-CB cell at cpu scale, seed 0). tests/benchmarks/test_paper.py holds the protocol to the committed
+# cache.
+PAPER_PROTOCOL = {"stem": "cifar", "weight_mode": "standard", "a_lr": 3e-4, "gamma": 0.01, "bound": "crown-ibp"}
 
 SCALES = {
     # About 4 minutes per row and seed on a 2-core CPU: 7 rows x 3 seeds on embedded MNIST.
@@ -77,7 +81,7 @@ SCALES = {
     # For the end-to-end test only: seconds.
     "tiny": Scale("tiny",
                   search={"layers": 3, "init_channels": 4, "steps": 2, "multiplier": 2, "epochs": 1, "train_limit": 16,
-                          "val_limit": 16, "batch_size": 8, "metric_samples": 4, "bound": "ibp", **PAPER_PROTOCOL},
+                          "val_limit": 16, "batch_size": 8, "metric_samples": 4, **PAPER_PROTOCOL, "bound": "ibp"},
                   train={"head_grid": 1, "layers": 3, "init_channels": 4, "epochs": 1, "batch_size": 32, "train_limit": 64, "eval_limit": 50,
                          "stem": "cifar"},
                   attack_n=10, attack_steps=3, autoattack_version="fast", verify_n=8, radius_steps=3, verify_pgd_steps=2,
