@@ -36,9 +36,13 @@ class Pipeline:
     def _stage(self, stage: str, key: str, marker: str, run) -> Path:
         return cached_stage(self.cache, stage, key, marker, run)
 
+    def search_config(self, row: str, dataset: str, seed: int) -> SearchConfig:
+        """The search a row runs at this scale (the paper's protocol, ``PAPER_PROTOCOL``)."""
+        return SearchConfig(**{**self.scale.search, **ROWS[row]}, data=self._data(dataset), seed=seed,
+                            data_root=self._root(dataset), image_size=self.scale.image_size, device=self.device)
+
     def search(self, row: str, dataset: str, seed: int) -> Path:
-        config = SearchConfig(**{**self.scale.search, **ROWS[row]}, data=self._data(dataset), seed=seed,
-                              data_root=self._root(dataset), image_size=self.scale.image_size, device=self.device)
+        config = self.search_config(row, dataset, seed)
         key = config_hash("search", stage_settings(config))
         return self._stage("search", key, "genotype.json",
                            lambda folder, resume: search(config, folder, resume=resume, force=not resume, quiet=self.quiet))

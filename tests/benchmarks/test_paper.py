@@ -85,16 +85,17 @@ def test_the_paper_protocol_still_runs_the_searches_of_the_committed_tables():
     (a changed certnas search default must not change the paper's protocol: the CLB's bound once did)."""
     from dataclasses import asdict
     from pathlib import Path
+    from benchmarks.paper.pipeline import Pipeline
     from certnas.search import SearchConfig
-    cache = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu" / "cache"
-    older = [json.loads(p.read_text()) for p in sorted(cache.glob("search-*/config.json"))]
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu"
+    older = [json.loads(p.read_text()) for p in sorted((out / "cache").glob("search-*/config.json"))]
     older = [saved for saved in older if "weight_mode" not in saved]  # saved before the certified weight step
     assert len(older) >= 21  # 7 rows x 3 seeds
-    scale = paper.SCALES["cpu"]
+    pipeline = Pipeline(paper.SCALES["cpu"], out, None, "cpu")
     for saved in older:
+        assert saved["data"] == "mnist-embedded"
         row = _paper_row(saved)
-        config = SearchConfig(**{**scale.search, **paper.ROWS[row]}, data=saved["data"], seed=saved["seed"],
-                              data_root=None, image_size=scale.image_size, device="cpu")
+        config = pipeline.search_config(row, "mnist", saved["seed"])  # what the pipeline runs, never run here
         today = SearchConfig.upgrade(asdict(config))
         before = SearchConfig.upgrade(saved)
         differ = {k for k in set(today) | set(before) if today.get(k) != before.get(k)} - {"device", "data_root"}
