@@ -82,8 +82,8 @@ class SearchConfig:
     clb_scale: str = setting("log", "R from margin bounds m: log = sign(m) log(1+|m|) (default), linear = the paper's "
                              "mean m.", choices=("log", "linear"))
     metric_samples: int = setting(8, "Samples of each validation batch R is computed on (0: the whole batch).")
-    jacobian_projections: int = setting(0, "0: exact Jacobian term (K backward passes); M: estimate from M random "
-                                           "classes.")
+    jacobian_projections: int = setting(1, "Jacobian term from M classes drawn at random per batch (default 1: an "
+                                           "unbiased estimate at 1/K of the cost); 0: exact, K double-backprop passes.")
     radius_max: float = 0.3
     radius_steps: int = 8
     sdarts_epsilon: float = 0.3

@@ -87,3 +87,14 @@ def test_crown_radius_writes_radii_below_the_attack_radius(tmp_path):
     with pytest.raises(SystemExit) as stop:  # not a network of the embedded digits
         crown_radius.main(["--model", str(_mlp_file(tmp_path / "rgb.pt", 3, 32)), "--out", str(out)])
     assert stop.value.code == 2
+
+
+@pytest.mark.slow
+def test_jacobian_estimator_agrees_with_the_exact_term_and_flags_the_per_sample_draw(tmp_path):
+    """The draws' mean gradient points where the exact one does (M=K would be exact: M=2 of 10 already
+    agrees closely on average), while one class per sample does not (batch norm couples the samples)."""
+    from benchmarks import jacobian_estimator
+    result = jacobian_estimator.main(["--draws", "12", "--samples", "4", "--out", str(tmp_path / "j.json")])
+    rows = {row["estimator"]: row for row in result["rows"]}
+    assert rows["M=1 (default)"]["cos_of_mean"] > 0.95 and rows["M=2"]["cos_of_mean"] > 0.95
+    assert rows["per-sample"]["cos_of_mean"] < rows["M=1 (default)"]["cos_of_mean"]

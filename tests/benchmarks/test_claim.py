@@ -42,3 +42,21 @@ def test_random_cells_are_valid_distinct_and_never_use_none():
             first, second = cell.normal[2 * node][1], cell.normal[2 * node + 1][1]
             assert first != second and max(first, second) < node + 2
     assert random_genotype(3) == random_genotype(3)
+
+
+def test_the_claim_protocol_still_finds_the_committed_searches():
+    """Each committed searched row and seed is found in the cache under the key today's cpu-scale search
+    settings give, with the cell the record holds: a changed ``certnas search`` default must not silently
+    change the experiment (a rerun would search again and mix two protocols in one table)."""
+    from pathlib import Path
+    from benchmarks.common import config_hash, stage_settings
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "claim-cpu"
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    searched = [r for r in records if r["row"] in claim.SEARCH_ROWS]
+    assert len(searched) >= 8
+    experiment = claim.Experiment(claim.SCALES["cpu"], out, None, "cpu")
+    for record in searched:
+        config = experiment.search_config(record["row"], record["seed"])  # never run here
+        folder = out / "cache" / f"search-{config_hash('search', stage_settings(config))}"
+        assert (folder / "genotype.json").is_file(), (record["row"], record["seed"])
+        assert json.loads((folder / "genotype.json").read_text())["normal"] == record["normal"], record["row"]
