@@ -155,6 +155,9 @@ class _ScaledInput(nn.Module):
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
 
 
+# verifiers.lirpa patch 20: an intermediate CROWN bound back-substitutes at most this many neurons at a
+# time, which bounds its memory (rows x the widest coefficient window: about 1 GB at 28x28, 24 channels).
+MAX_CROWN_ROWS = 2048
 _SPARSE_OPTIONS = ("sparse_intermediate_bounds", "sparse_conv_intermediate_bounds", "sparse_intermediate_bounds_with_ibp")
 
 
@@ -296,6 +299,7 @@ def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
     # tests in tests/verifiers/test_soundness.py failed when this was on for L2.
     sparse = sparse and method in (BoundMethod.CROWN, BoundMethod.ALPHA_CROWN) and norm == math.inf
     bounded.bound_opts.update({name: sparse for name in _SPARSE_OPTIONS})
+    bounded.bound_opts["certnas_max_rows"] = MAX_CROWN_ROWS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if method is BoundMethod.ALPHA_CROWN:

@@ -110,10 +110,14 @@ class MaxPool3x3(nn.Module):
         to_left = F.conv2d(x, kernels[1], stride=stride, padding=padding, groups=groups)
         to_right = F.conv2d(x, kernels[2], stride=stride, padding=padding, groups=groups)
         shape = (1, 1, -1, 1) if axis == 0 else (1, 1, 1, -1)
-        # An out-of-image neighbour counts as the centre: its difference is masked to zero.
-        to_left = to_left * _constant(_valid_neighbour(size, step, -1).reshape(shape), x)
+        # An out-of-image neighbour counts as the centre: its difference is masked to zero. The left
+        # mask m (0 or 1) is applied after the ReLU, relu(m z) = m relu(z): the ReLU's input is then a
+        # convolution, whose CROWN intermediate bound auto_LiRPA computes in patches mode; with the
+        # mask first it started from a dense identity over every neuron (on 28x28 maps, about 15x
+        # slower per max pool; measured in the README's sound-operations section).
+        left_mask = _constant(_valid_neighbour(size, step, -1).reshape(shape), x)
         to_right = to_right * _constant(_valid_neighbour(size, step, +1).reshape(shape), x)
-        best = centre + F.relu(to_left)
+        best = centre + F.relu(to_left) * left_mask
         return best + F.relu(centre + to_right - best)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ still exist nothing is replaced.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import types
 from typing import Tuple
@@ -478,6 +479,111 @@ def _patch_bias_layout_after_matrix_switch() -> None:
     backward_bound.concretize = concretize
 
 
+def _patch_concat_starts_in_patches(bounded_module_cls: type, patches_cls: type) -> None:
+    # 19. CROWN's intermediate bound of a node starts from an identity specification over its
+    #     neurons. auto_LiRPA 0.3 builds that identity as patches (a 1x1 window per neuron) only for
+    #     convolutions, batch norms, Add and Sub; every other node gets a dense (neurons x neurons)
+    #     matrix. A DARTS cell's output is a channel concatenation feeding the next cells' ReLU, so
+    #     on a 3-cell network at 28x28 the identity over its 25,088 neurons alone needed more than
+    #     23 GB in a bound computed with gradients (the process was killed). A channel concatenation of 4-D maps passes patches back
+    #     (BoundConcat.bound_backward splits their input-channel axis), so its identity is built as
+    #     patches too, sparse over the neurons IBP leaves unstable exactly as for Add. The bounds are
+    #     the same linear functions in another layout. Covered by the network cases of
+    #     test_patches_mode_crown_equals_matrix_mode_on_every_operation (tests/verifiers/test_patches.py).
+    from auto_LiRPA.operators.shape import BoundConcat
+    original = bounded_module_cls.get_sparse_C
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def get_sparse_C(self, node, sparse_intermediate_bounds=True, ref_intermediate_lb=None, ref_intermediate_ub=None):
+        shape = node.output_shape
+        if not (isinstance(node, BoundConcat) and self.conv_mode == "patches" and len(shape) == 4
+                and node.axis in (1, -3)):
+            return original(self, node, sparse_intermediate_bounds, ref_intermediate_lb, ref_intermediate_ub)
+        batch, channels = self.batch_size, shape[1]
+        eye = torch.eye(channels, device=self.device, dtype=next(iter(self.parameters())).dtype)
+        if sparse_intermediate_bounds:
+            unstable_idx, unstable_size = self.get_unstable_locations(ref_intermediate_lb, ref_intermediate_ub, conv=True)
+            if unstable_size == 0:
+                return None, True, [], 0
+            dense_share = self.bound_opts.get("minimum_sparsity", 0.9)
+            if self.bound_opts.get("sparse_conv_intermediate_bounds", False) and unstable_size <= dense_share * math.prod(shape[1:]):
+                # one 1x1 window per unstable neuron (channel c, row h, column w): (unstable, batch, C, 1, 1)
+                patches = eye[unstable_idx[0]].view(unstable_size, 1, channels, 1, 1).expand(-1, batch, -1, -1, -1)
+                return (patches_cls(patches, 1, 0, patches.shape, unstable_idx=unstable_idx,
+                                    output_shape=[batch, *shape[1:]]), True, unstable_idx, unstable_size)
+        # one 1x1 window per neuron: (C, batch, H, W, C, 1, 1)
+        patches = eye.view(channels, 1, 1, 1, channels, 1, 1).expand(-1, batch, shape[2], shape[3], -1, 1, 1)
+        return patches_cls(patches, 1, 0, patches.shape, output_shape=[batch, *shape[1:]]), False, None, float("inf")
+
+    get_sparse_C._certnas_patched = True
+    bounded_module_cls.get_sparse_C = get_sparse_C
+
+
+def _patch_chunked_intermediate_rows(bounded_module_cls: type, patches_cls: type) -> None:
+    # 20. An intermediate CROWN bound back-substitutes one row per neuron of its node at once, and in
+    #     patches mode each row's window grows to the whole input on the way back: on a 3-cell network
+    #     at 28x28 (25,088 neurons in a cell's output) one node's rows passed 17 GB with gradients
+    #     enabled and a later node ran out of memory. With the bound option ``certnas_max_rows`` = R, a patches-mode
+    #     identity start with more than R rows is back-substituted R rows at a time (the rows are
+    #     independent: each is the bound of one neuron) and the pieces are put back in order. The output
+    #     specification is never split. Covered by test_chunked_crown_rows_give_the_same_bounds
+    #     (tests/verifiers/test_cells.py).
+    original = bounded_module_cls.backward_general
+    if getattr(original, "_certnas_patched", False):
+        return
+
+    def rows_of(C, device):
+        """(c, h, w) index tensors of an identity start's rows, or None when C is not one."""
+        if C.unstable_idx is not None:
+            return C.unstable_idx
+        if len(C.shape) != 7 or tuple(C.shape[-2:]) != (1, 1) or C.shape[0] != C.shape[4]:
+            return None
+        channels, height, width = C.shape[0], C.shape[2], C.shape[3]
+        grid = torch.meshgrid(torch.arange(channels), torch.arange(height), torch.arange(width), indexing="ij")
+        return tuple(index.flatten().to(device) for index in grid)
+
+    def piece(C, index, rows):
+        batch = C.shape[1]
+        shape = [len(rows[0]), batch, C.output_shape[1], 1, 1]
+        if C.identity == 1 or C.patches is None:
+            return patches_cls(shape=shape, identity=1, unstable_idx=rows, output_shape=C.output_shape)
+        if C.unstable_idx is not None:
+            patches = C.patches[index]
+        else:  # (C, batch, H, W, C, 1, 1) -> one (batch, C, 1, 1) window per selected neuron
+            patches = C.patches[rows[0], :, rows[1], rows[2]]
+        return patches_cls(patches, 1, 0, patches.shape, unstable_idx=rows, output_shape=C.output_shape)
+
+    def backward_general(self, C, node=None, bound_lower=True, bound_upper=True, average_A=False,
+                         need_A_only=False, unstable_idx=None, unstable_size=0, update_mask=None, verbose=True):
+        limit = self.bound_opts.get("certnas_max_rows", 0)
+        call = dict(bound_lower=bound_lower, bound_upper=bound_upper, average_A=average_A, need_A_only=need_A_only,
+                    update_mask=update_mask, verbose=verbose)
+        rows = None
+        if (limit and isinstance(C, patches_cls) and node is not None and node.name != self.final_name
+                and not (self.return_A or need_A_only or average_A)):
+            rows = rows_of(C, self.device)
+        if rows is None or len(rows[0]) <= limit:
+            return original(self, C, node, unstable_idx=unstable_idx, unstable_size=unstable_size, **call)
+        lowers, uppers = [], []
+        for start in range(0, len(rows[0]), limit):
+            index = torch.arange(start, min(start + limit, len(rows[0])), device=rows[0].device)
+            part = tuple(r[index] for r in rows)
+            lower, upper = original(self, piece(C, index, part), node, unstable_idx=part, unstable_size=len(index), **call)
+            lowers.append(lower)
+            uppers.append(upper)
+        join = lambda parts: None if parts[0] is None else torch.cat(parts, dim=1)
+        lower, upper = join(lowers), join(uppers)
+        if C.unstable_idx is None:  # the full identity: back to the node's shape
+            shape = (lower if lower is not None else upper).shape[0], *node.output_shape[1:]
+            lower = None if lower is None else lower.reshape(shape)
+            upper = None if upper is None else upper.reshape(shape)
+        return lower, upper
+
+    backward_general._certnas_patched = True
+    bounded_module_cls.backward_general = backward_general
+
+
 def _patch_output_only_alpha(bounded_module_cls: type) -> None:
     # 17. alpha-CROWN in 0.3 makes a dense alpha per ReLU for every later node whose bounds it
     #     back-substitutes (shape 2 x that node's neurons x batch x the ReLU's neurons) and re-optimises
@@ -573,6 +679,8 @@ _patch_patch_strides()
 _patch_patches_add(Patches)
 _patch_bias_layout_after_matrix_switch()
 _patch_output_only_alpha(BoundedModule)
+_patch_concat_starts_in_patches(BoundedModule, Patches)
+_patch_chunked_intermediate_rows(BoundedModule, Patches)
 _patch_alpha_clamp_gradient(BoundRelu)
 
 AUTO_LIRPA_VERSION: str = getattr(auto_LiRPA, "__version__", "unknown")
