@@ -98,3 +98,26 @@ def test_jacobian_estimator_agrees_with_the_exact_term_and_flags_the_per_sample_
     rows = {row["estimator"]: row for row in result["rows"]}
     assert rows["M=1 (default)"]["cos_of_mean"] > 0.95 and rows["M=2"]["cos_of_mean"] > 0.95
     assert rows["per-sample"]["cos_of_mean"] < rows["M=1 (default)"]["cos_of_mean"]
+
+
+@pytest.mark.slow
+def test_crown_profile_times_every_intermediate_node_and_pieces_change_nothing(tmp_path):
+    """The profile of a 2-cell network (max pools, concatenations) gives the same margin bound with and
+    without the piecewise back-substitution, and lists the cell output (a concatenation) among its nodes."""
+    import torch
+    from benchmarks import crown_profile
+    from certnas.data import INFO
+    from certnas.io import save_model
+    from certnas.space.genotype import random_genotype
+    from certnas.space.network import NetworkConfig, build_network
+    info = INFO["mnist-embedded"]
+    torch.manual_seed(0)
+    config = NetworkConfig("darts", 1, 28, 10, info.mean, info.std, genotype=random_genotype(seed=4).to_dict(),
+                           layers=2, init_channels=4, stem="strided")
+    path = tmp_path / "net.pt"
+    save_model(build_network(config).eval(), path, network=config.to_dict())
+    whole = crown_profile.main([str(path), "--eps", "0.002", "--max-rows", "0", "--out", str(tmp_path / "a.json")])
+    pieces = crown_profile.main([str(path), "--eps", "0.002", "--max-rows", "64", "--out", str(tmp_path / "b.json")])
+    assert pieces["margin"] == pytest.approx(whole["margin"], rel=1e-5, abs=1e-5)
+    assert any(node["kind"] == "BoundConcat" and node["start"].startswith("Patches") for node in whole["nodes"])
+    assert json.loads((tmp_path / "b.json").read_text())["settings"]["max_rows"] == 64

@@ -1,0 +1,84 @@
+"""Where full CROWN spends its time on one network: seconds per intermediate node (the node, the form
+of the specification it starts from, how many of its neurons are back-substituted), the total, and
+the peak resident memory, for one margin bound of one test sample.
+
+    python -m benchmarks.crown_profile MODEL.pt [--eps 0.005] [--max-rows 2048] [--sample 0]
+
+``--max-rows 0`` switches off the piecewise back-substitution (verifiers.lirpa patch 20). Writes
+``--out`` (JSON) and prints the slowest nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from benchmarks.common import environment, print_table, write_json
+from certnas.data import load_data
+from certnas.io import load_model_with_meta
+from verifiers import bounds, lirpa
+
+
+def _spec(C) -> str:
+    shape = tuple(getattr(C, "shape", ()) or ())
+    return f"{type(C).__name__}{shape}"
+
+
+def main(argv=None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--eps", type=float, default=0.005)
+    parser.add_argument("--max-rows", type=int, default=bounds.MAX_CROWN_ROWS)
+    parser.add_argument("--sample", type=int, default=0)
+    parser.add_argument("--data", default="mnist-embedded")
+    parser.add_argument("--show", type=int, default=8)
+    parser.add_argument("--out", default="crown_profile.json")
+    args = parser.parse_args(argv)
+    model, meta = load_model_with_meta(Path(args.model))
+    model.eval()
+    splits = load_data(args.data, seed=0)
+    x, y = splits.test[args.sample]
+    x, y = x[None], torch.tensor([int(y)])
+    nodes: List[Dict] = []
+    original = lirpa.BoundedModule.backward_general
+
+    def timed(self, C, node=None, *rest, **kwargs):
+        start = time.perf_counter()
+        result = original(self, C, node, *rest, **kwargs)
+        if node is not None and node.name != self.final_name:
+            rows = kwargs.get("unstable_size")
+            nodes.append({"node": node.name, "kind": type(node).__name__, "start": _spec(C),
+                          "rows": None if rows in (None, 0) or rows == float("inf") else int(rows),
+                          "shape": "x".join(str(d) for d in node.output_shape[1:]),
+                          "seconds": time.perf_counter() - start})
+        return result
+
+    previous_rows = bounds.MAX_CROWN_ROWS
+    lirpa.BoundedModule.backward_general = timed
+    bounds.MAX_CROWN_ROWS = args.max_rows
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            margin = bounds.margin_lower_bound(model, x, y, args.eps, method="crown")
+        total = time.perf_counter() - start
+    finally:
+        lirpa.BoundedModule.backward_general = original
+        bounds.MAX_CROWN_ROWS = previous_rows
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"CROWN margin bound {margin.item():.4f} at eps {args.eps:g}: {total:.1f} s, {len(nodes)} intermediate "
+          f"nodes, peak resident {peak_mib:.0f} MiB, {torch.get_num_threads()} threads, max rows {args.max_rows}")
+    print_table(sorted(nodes, key=lambda n: -n["seconds"])[:args.show],
+                [("node", "node", "s"), ("kind", "kind", "s"), ("shape", "shape", "s"), ("rows", "rows", "d"),
+                 ("seconds", "seconds", ".2f")])
+    result = {"margin": margin.item(), "seconds": total, "peak_MiB": peak_mib, "nodes": nodes,
+              "settings": vars(args), "environment": environment()}
+    write_json(Path(args.out), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
