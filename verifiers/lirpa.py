@@ -485,11 +485,13 @@ def _patch_concat_starts_in_patches(bounded_module_cls: type, patches_cls: type)
     #     convolutions, batch norms, Add and Sub; every other node gets a dense (neurons x neurons)
     #     matrix. A DARTS cell's output is a channel concatenation feeding the next cells' ReLU, so
     #     on a 3-cell network at 28x28 the identity over its 25,088 neurons alone needed more than
-    #     23 GB in a bound computed with gradients (the process was killed). A channel concatenation of 4-D maps passes patches back
-    #     (BoundConcat.bound_backward splits their input-channel axis), so its identity is built as
-    #     patches too, sparse over the neurons IBP leaves unstable exactly as for Add. The bounds are
-    #     the same linear functions in another layout. Covered by the network cases of
-    #     test_patches_mode_crown_equals_matrix_mode_on_every_operation (tests/verifiers/test_patches.py).
+    #     23 GB in a bound computed with gradients (the process was killed). A channel concatenation
+    #     of 4-D maps passes patches back (BoundConcat.bound_backward splits their input-channel
+    #     axis), so its identity is built as patches too, sparse over the neurons IBP leaves unstable
+    #     exactly as for Add. The bounds are the same linear functions in another layout. Covered by
+    #     test_a_concatenation_feeding_a_relu_starts_its_crown_bound_in_patches (against matrix mode)
+    #     and test_crown_in_patches_mode_equals_matrix_mode_and_holds_on_a_cell_network
+    #     (tests/verifiers/test_cells.py).
     from auto_LiRPA.operators.shape import BoundConcat
     original = bounded_module_cls.get_sparse_C
     if getattr(original, "_certnas_patched", False):
@@ -524,10 +526,10 @@ def _patch_chunked_intermediate_rows(bounded_module_cls: type, patches_cls: type
     # 20. An intermediate CROWN bound back-substitutes one row per neuron of its node at once, and in
     #     patches mode each row's window grows to the whole input on the way back: on a 3-cell network
     #     at 28x28 (25,088 neurons in a cell's output) one node's rows passed 17 GB with gradients
-    #     enabled and a later node ran out of memory. With the bound option ``certnas_max_rows`` = R, a patches-mode
-    #     identity start with more than R rows is back-substituted R rows at a time (the rows are
-    #     independent: each is the bound of one neuron) and the pieces are put back in order. The output
-    #     specification is never split. Covered by test_chunked_crown_rows_give_the_same_bounds
+    #     enabled and a later node ran out of memory. With the bound option ``certnas_max_rows`` = R,
+    #     a patches-mode identity start with more than R rows is back-substituted R rows at a time
+    #     (the rows are independent: each is the bound of one neuron) and the pieces are put back in
+    #     order. The output specification is never split. Covered by test_chunked_crown_rows_give_the_same_bounds
     #     (tests/verifiers/test_cells.py).
     original = bounded_module_cls.backward_general
     if getattr(original, "_certnas_patched", False):
