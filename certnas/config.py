@@ -104,7 +104,9 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
 
 # Settings added to a config class after runs were saved, with the value those runs had (where it is not
 # today's default): a model trained before ``head_grid`` existed has DARTS' global average pooling.
-FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}}
+# SearchConfig.radius_min (added with the log-space radius form): no committed stage searched with the
+# radius form, so every earlier search keeps its key at today's value.
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "SearchConfig": {"radius_min": 1e-4}}
 
 
 def upgrade_saved(cls: Type[Any], saved: Mapping[str, Any]) -> dict:

@@ -22,6 +22,7 @@ Details = Dict[str, float]
 class MetricConfig:
     """eps in pixel units; norm inf or 2; bound ibp | crown-ibp | crown; clb_form margin | radius;
     jacobian_projections 0 = exact (K backward passes), M > 0 = M random classes per batch;
+    radius form: certified radius by log-space bisection on [radius_min, radius_max] (0 below radius_min);
     clb_scale: ``linear`` (the paper: the mean margin bound itself) or ``log`` (the mean of
     sign(m) * log(1 + |m|), monotone in each margin bound m). On a supernet with affine-free batch
     norm the margin bounds reach -1e14 early in search, so the linear form swamps L_val at
@@ -33,6 +34,7 @@ class MetricConfig:
     jacobian_projections: int = 0
     radius_max: float = 0.3
     radius_steps: int = 8
+    radius_min: float = 1e-4
     clb_scale: str = "log"
 
 
@@ -77,8 +79,10 @@ def _scale(margin: torch.Tensor, scale: str) -> torch.Tensor:
 
 
 def radius_objective(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
+    # Log-space bisection from radius_min: on [0, radius_max] in 8 linear steps anything below 0.3 / 256
+    # came out as 0, with no gradient, which is where a supernet's radii are for most of a search.
     radius = certified_radius(model, x, y, norm=config.norm, method=config.bound,
-                              eps_max=config.radius_max, steps=config.radius_steps)
+                              eps_max=config.radius_max, steps=config.radius_steps, eps_min=config.radius_min)
     inner = (radius > 0) & (radius < config.radius_max)
     details = {"clb_radius": radius.mean().item(), "clb_certified": (radius > 0).float().mean().item()}
     if not inner.any():

@@ -86,6 +86,8 @@ class SearchConfig:
                                            "unbiased estimate at 1/K of the cost); 0: exact, K double-backprop passes.")
     radius_max: float = 0.3
     radius_steps: int = 8
+    radius_min: float = setting(1e-4, "Smallest radius the radius form resolves (log-space bisection up to 0.3; "
+                                      "0: linear bisection from 0).")
     sdarts_epsilon: float = 0.3
     sdarts_steps: int = 7
     pgd_steps: int = 7
@@ -138,6 +140,8 @@ class SearchConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gamma < 0 or self.eps < 0 or self.metric_samples < 0:
             raise ConfigError("gamma, eps and metric_samples must be >= 0")
+        if not 0 <= self.radius_min < self.radius_max:
+            raise ConfigError(f"radius_min must be in [0, radius_max = {self.radius_max}), got {self.radius_min}")
         if self.clb_scale not in ("log", "linear"):
             raise ConfigError(f"clb_scale must be log or linear, got {self.clb_scale!r}")
         if self.clb_form not in ("margin", "radius"):

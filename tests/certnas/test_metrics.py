@@ -18,7 +18,7 @@ def _setup():
 
 def test_radius_gradient_matches_finite_differences_of_the_certified_radius():
     net, x, y = _setup()
-    config = MetricConfig(bound="ibp", clb_form="radius", radius_max=1.0, radius_steps=45)
+    config = MetricConfig(bound="ibp", clb_form="radius", radius_max=1.0, radius_steps=45, radius_min=0.0)
     value, details = metric_clb(net, x, y, config)
     radius = certified_radius(net, x, y, method="ibp", eps_max=1.0, steps=45)
     assert (radius > 0).all() and value.item() == pytest.approx(radius.mean().item(), rel=1e-9)
@@ -35,6 +35,21 @@ def test_radius_gradient_matches_finite_differences_of_the_certified_radius():
             numeric[0, k] = (values[0] - values[1]) / (2 * step)
     assert grad.abs().max() > 0
     assert torch.allclose(grad, numeric, rtol=2e-2, atol=1e-4 * numeric.abs().max().item()), (grad, numeric)
+
+
+def test_the_log_radius_form_has_a_signal_where_linear_bisection_rounds_to_zero():
+    """Radii below a linear bisection's first step come out as 0 with no gradient (the search then
+    moves the architecture by L_val alone); bisecting in log space from radius_min resolves them."""
+    net, x, y = _setup()
+    coarse = dict(bound="ibp", clb_form="radius", radius_max=100.0, radius_steps=6)  # linear steps of 1.6
+    radius = certified_radius(net, x, y, method="ibp", eps_max=100.0, steps=6, eps_min=1e-4)
+    assert (radius > 1e-4).all() and (radius < 100.0 * 2.0 ** -6).all()  # the case in question
+    linear, _ = metric_clb(net, x, y, MetricConfig(**coarse, radius_min=0.0))
+    grad = torch.autograd.grad(linear, net.arch, allow_unused=True)[0]
+    assert linear.item() == 0 and (grad is None or grad.abs().max() == 0)
+    logged, details = metric_clb(net, x, y, MetricConfig(**coarse))
+    assert logged.item() == pytest.approx(radius.mean().item(), rel=1e-9) and details["clb_certified"] == 1.0
+    assert torch.autograd.grad(logged, net.arch)[0].abs().max() > 0
 
 
 def test_certified_radius_is_certified_and_tight_to_the_bisection_tolerance():
