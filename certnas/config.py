@@ -106,7 +106,7 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
 # today's default): a model trained before ``head_grid`` existed has DARTS' global average pooling.
 # SearchConfig.radius_min (added with the log-space radius form): no committed stage searched with the
 # radius form, so every earlier search keeps its key at today's value.
-FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "SearchConfig": {"radius_min": 1e-4}}
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "SearchConfig": {"radius_min": 1e-6}}
 
 
 def upgrade_saved(cls: Type[Any], saved: Mapping[str, Any]) -> dict:

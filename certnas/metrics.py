@@ -34,7 +34,7 @@ class MetricConfig:
     jacobian_projections: int = 0
     radius_max: float = 0.3
     radius_steps: int = 8
-    radius_min: float = 1e-4
+    radius_min: float = 1e-6
     clb_scale: str = "log"
 
 

@@ -86,7 +86,7 @@ class SearchConfig:
                                            "unbiased estimate at 1/K of the cost); 0: exact, K double-backprop passes.")
     radius_max: float = 0.3
     radius_steps: int = 8
-    radius_min: float = setting(1e-4, "Smallest radius the radius form resolves (log-space bisection up to 0.3; "
+    radius_min: float = setting(1e-6, "Smallest radius the radius form resolves (log-space bisection up to 0.3; "
                                       "0: linear bisection from 0).")
     sdarts_epsilon: float = 0.3
     sdarts_steps: int = 7
