@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.common import environment, print_table, write_json
 from certnas.data import load_data
+from certnas.errors import CertnasError
 from certnas.io import load_model_with_meta
 from verifiers import bounds, lirpa
 
@@ -38,9 +39,15 @@ def main(argv=None) -> Dict:
     parser.add_argument("--show", type=int, default=8)
     parser.add_argument("--out", default="crown_profile.json")
     args = parser.parse_args(argv)
-    model, meta = load_model_with_meta(Path(args.model))
-    model.eval()
-    splits = load_data(args.data, seed=0)
+    if args.eps <= 0 or args.max_rows < 0 or args.sample < 0:
+        parser.error("need --eps > 0, --max-rows >= 0 and --sample >= 0")
+    try:
+        model, _ = load_model_with_meta(Path(args.model))
+        splits = load_data(args.data, seed=0)
+    except CertnasError as error:
+        parser.error(str(error))
+    if args.sample >= len(splits.test):
+        parser.error(f"--sample {args.sample}: the {args.data} test split has {len(splits.test)} samples")
     x, y = splits.test[args.sample]
     x, y = x[None], torch.tensor([int(y)])
     nodes: List[Dict] = []
