@@ -7,7 +7,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -86,14 +86,52 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def cached_stage(cache: Path, stage: str, key: str, marker: str, run: Callable[[Path, bool], Any]) -> Path:
-    """``cache/<stage>-<key>``, computed by ``run(folder, resume)`` unless ``marker`` is already there
-    (a folder with a checkpoint but no marker resumes); ``stage.json`` records the seconds it took."""
+def model_digest(trained: Path) -> Optional[str]:
+    """The sha256 a train stage recorded for its ``model.pt`` (None: trained before digests were kept)."""
+    stamp = Path(trained) / "stage.json"
+    return json.loads(stamp.read_text()).get("model_sha256") if stamp.is_file() else None
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached(cache: Path, stage: str, key: str, marker: str,
+           inputs: Optional[Dict[str, Optional[str]]] = None) -> Optional[Path]:
+    """The folder of a finished stage made from ``inputs`` (see :func:`cached_stage`), else None."""
     folder = Path(cache) / f"{stage}-{key}"
-    if (folder / marker).is_file():
+    if not (folder / marker).is_file():
+        return None
+    stamp = folder / "stage.json"
+    saved = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if inputs is not None and saved.get("inputs", {name: None for name in inputs}) != inputs:
+        return None
+    return folder
+
+
+def cached_stage(cache: Path, stage: str, key: str, marker: str, run: Callable[[Path, bool], Any],
+                 inputs: Optional[Dict[str, Optional[str]]] = None) -> Path:
+    """``cache/<stage>-<key>``, computed by ``run(folder, resume)`` unless ``marker`` is already there
+    (a folder with a checkpoint but no marker resumes); ``stage.json`` records the seconds it took.
+
+    ``inputs`` (name -> digest, e.g. the model a stage evaluates; see :func:`model_digest`): a stage made
+    from other inputs is stale and runs again. Model files are not committed, so a fresh clone retrains
+    them, and a retrained network is not bit-identical to the one the committed attack and verify stages
+    measured: without this check those stale results would be reused as the new model's. A stage saved
+    without inputs counts as made from inputs without digests. A ``.pt`` marker's digest is recorded."""
+    folder = Path(cache) / f"{stage}-{key}"
+    stamp = folder / "stage.json"
+    if cached(cache, stage, key, marker, inputs) is not None:
         return folder
+    if (folder / marker).is_file():
+        (folder / marker).unlink()  # made from another model: run it again
     began = time.time()
     resume = (folder / "checkpoint.pt").is_file()
     run(folder, resume)
-    write_json(folder / "stage.json", {"stage": stage, "seconds": round(time.time() - began, 2), "resumed": resume})
+    record: Dict[str, Any] = {"stage": stage, "seconds": round(time.time() - began, 2), "resumed": resume}
+    if inputs is not None and any(value is not None for value in inputs.values()):
+        record["inputs"] = inputs
+    if marker.endswith(".pt") and (folder / marker).is_file():
+        record["model_sha256"] = _file_digest(folder / marker)
+    write_json(stamp, record)
     return folder

@@ -6,18 +6,44 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from benchmarks.common import cached_stage, config_hash, stage_settings
+from benchmarks.common import cached, cached_stage, config_hash, model_digest, stage_settings
 from benchmarks.paper.scales import ROWS, Scale
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.search import SearchConfig, search
 from certnas.train import TrainConfig, train
 from certnas.verify_run import VerifyConfig, run_verify
 
+# Settings certnas search gained after the committed cpu tables' searches ran. With standard weight steps
+# they are inert (the certified weight step's schedule) or hold the behaviour those searches had; the
+# weight optimiser ``auto`` resolves to the SGD at ``w_lr`` they ran with.
+_ADDED_SINCE_CPU_TABLES = ("weight_mode", "weight_eps", "warmup_epochs", "ramp_epochs", "kappa_end", "stem",
+                           "w_optimizer", "arch_start_epoch", "metric_follows_ramp", "radius_min")
+
+
+def former_search_key(config: SearchConfig) -> Optional[str]:
+    """The key the committed cpu tables' cache gave a search with these settings (their searches ran
+    before the settings in ``_ADDED_SINCE_CPU_TABLES`` existed), or None where those settings do not hold
+    that earlier behaviour. Without it every committed search would rerun after each new setting."""
+    weights = config.weight_training()
+    if (config.weight_mode, config.stem, config.arch_start_epoch, config.clb_form, weights.optimizer) != \
+            ("standard", "cifar", 0, "margin", "sgd"):
+        return None
+    settings = {k: v for k, v in stage_settings(config).items() if k not in _ADDED_SINCE_CPU_TABLES}
+    settings["w_lr"] = weights.lr
+    return config_hash("search", settings)
+
+
 class Pipeline:
     """Runs (or reuses) the cached stages of one scale."""
 
-    def __init__(self, scale: Scale, out: Path, data_root: Optional[Path], device: str, quiet: bool = True):
+    def __init__(self, scale: Scale, out: Path, data_root: Optional[Path], device: str, quiet: bool = True,
+                 crown_device: Optional[str] = None, crown_seeds: Optional[int] = None, crown_cached_only: bool = False):
+        """``crown_device``: where the full-CROWN stage runs (default ``device``; the other stages keep
+        ``device``, so a GPU can add the CROWN column to tables made on a CPU); ``crown_seeds``: that column
+        only for seeds below it (default: every seed); ``crown_cached_only``: only the CROWN stages already
+        in the cache (n/a for the others): a table from a GPU run that did not finish every stage."""
         self.scale, self.out, self.data_root, self.device, self.quiet = scale, Path(out), data_root, device, quiet
+        self.crown_device, self.crown_seeds, self.crown_cached_only = crown_device or device, crown_seeds, crown_cached_only
         self.cache = self.out / "cache"
 
     def available(self, name: str) -> Optional[str]:
@@ -33,8 +59,9 @@ class Pipeline:
             return str(error)
         return None
 
-    def _stage(self, stage: str, key: str, marker: str, run) -> Path:
-        return cached_stage(self.cache, stage, key, marker, run)
+    def _stage(self, stage: str, key: str, marker: str, run, model: Optional[Path] = None) -> Path:
+        inputs = None if model is None else {"model": model_digest(model.parent)}
+        return cached_stage(self.cache, stage, key, marker, run, inputs=inputs)
 
     def search_config(self, row: str, dataset: str, seed: int) -> SearchConfig:
         """The search a row runs at this scale (the paper's protocol, ``PAPER_PROTOCOL``)."""
@@ -44,6 +71,9 @@ class Pipeline:
     def search(self, row: str, dataset: str, seed: int) -> Path:
         config = self.search_config(row, dataset, seed)
         key = config_hash("search", stage_settings(config))
+        former = former_search_key(config)
+        if former and (self.cache / f"search-{former}" / "genotype.json").is_file():
+            key = former
         return self._stage("search", key, "genotype.json",
                            lambda folder, resume: search(config, folder, resume=resume, force=not resume, quiet=self.quiet))
 
@@ -70,21 +100,29 @@ class Pipeline:
 
     def _attack_stage(self, config: AttackConfig, model: Path) -> Dict[str, Any]:
         folder = self._stage("attack", config_hash("attack", asdict(config), model.parent.name), "attack.json",
-                             lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet))
+                             lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet), model)
         return json.loads((folder / "attack.json").read_text())
 
     def verify(self, model: Path, dataset: str, norm: str, methods=("ibp", "crown-ibp"),
-               n: Optional[int] = None) -> Dict[str, Any]:
+               n: Optional[int] = None, device: Optional[str] = None,
+               cached_only: bool = False) -> Optional[Dict[str, Any]]:
         """Verified accuracy at the scale's eps and certified radii of ``methods`` on ``n`` (default
-        ``verify_n``) test samples; with ``crown`` in ``methods``, no network size limit applies."""
+        ``verify_n``) test samples; with ``crown`` in ``methods``, no network size limit applies.
+        ``cached_only``: None unless the stage is already in the cache."""
         config = VerifyConfig(methods=tuple(methods), eps=self.scale.verify_eps[dataset][norm], norm=norm,
                               n=self.scale.verify_n if n is None else n,
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
                               radius_min=self.scale.radius_min,
-                              pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset), device=self.device,
-                              **({"crown_max_relus": 0} if "crown" in methods else {}))
-        folder = self._stage("verify", config_hash("verify", asdict(config), model.parent.name), "verify.json",
-                             lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet))
+                              pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset),
+                              device=device or self.device, **({"crown_max_relus": 0} if "crown" in methods else {}))
+        key = config_hash("verify", asdict(config), model.parent.name)
+        if cached_only:
+            folder = cached(self.cache, "verify", key, "verify.json", {"model": model_digest(model.parent)})
+            if folder is None:
+                return None
+        else:
+            folder = self._stage("verify", key, "verify.json",
+                                 lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet), model)
         return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv"}
 
     def transfer(self, row: str, seed: int) -> Dict[str, Any]:
@@ -107,8 +145,9 @@ class Pipeline:
             record[f"attack_{result['attack']}_inf"] = result["robust_accuracy"]
         return record
 
-    def record(self, row: str, dataset: str, seed: int) -> Dict[str, Any]:
-        """One row, seed and dataset through the whole pipeline; returns its record."""
+    def record(self, row: str, dataset: str, seed: int, attacks: bool = True) -> Dict[str, Any]:
+        """One row, seed and dataset through the whole pipeline; returns its record (without the attack
+        stage and its ``attack_*`` values where ``attacks`` is False: only the game tables need them)."""
         searched = self.search(row, dataset, seed)
         trained = self.train(row, dataset, seed)
         record: Dict[str, Any] = {"row": row, "dataset": dataset, "seed": seed, "scale": self.scale.name,
@@ -117,13 +156,16 @@ class Pipeline:
                                   "genotype": json.loads((searched / "genotype.json").read_text())["normal"],
                                   "train_test_acc": json.loads((trained / "summary.json").read_text())["test_acc"]}
         for norm in ("inf", "2"):
-            for result in self.attack(trained / "model.pt", dataset, norm)["results"]:
+            for result in self.attack(trained / "model.pt", dataset, norm)["results"] if attacks else ():
                 record[f"attack_{result['attack']}_{norm}"] = result["robust_accuracy"]
             verified = self.verify(trained / "model.pt", dataset, norm)
             record[f"radius_{norm}"] = verified["summary"]["radius"]
             record[f"radius_csv_{norm}"] = str(verified["csv"].relative_to(self.out))
-            if self.scale.crown_n:
-                crown = self.verify(trained / "model.pt", dataset, norm, methods=("crown",), n=self.scale.crown_n)
+            crown = None
+            if self.scale.crown_n and (self.crown_seeds is None or seed < self.crown_seeds):
+                crown = self.verify(trained / "model.pt", dataset, norm, methods=("crown",), n=self.scale.crown_n,
+                                    device=self.crown_device, cached_only=self.crown_cached_only)
+            if crown is not None:
                 record[f"radius_{norm}"]["crown"] = crown["summary"]["radius"]["crown"]
                 record[f"crown_csv_{norm}"] = str(crown["csv"].relative_to(self.out))
                 record["crown_n"] = self.scale.crown_n

@@ -31,10 +31,20 @@ def main(argv=None) -> int:
     parser.add_argument("--crown-n", type=int, default=None,
                         help="test samples with a full-CROWN radius (the first of the verify samples; default: the "
                              "scale's, 0 at cpu scale, where CROWN costs minutes per sample); 0: none")
+    parser.add_argument("--crown-device", default=None,
+                        help="device of the full-CROWN stage only (default: --device), e.g. cuda to add the CROWN "
+                             "column to tables whose other stages ran on a CPU")
+    parser.add_argument("--crown-seeds", type=int, default=None,
+                        help="the CROWN column for the first this many seeds only (default: every seed)")
+    parser.add_argument("--crown-cached-only", action="store_true",
+                        help="the CROWN column from the stages already cached (n/a elsewhere), e.g. after a GPU run "
+                             "that did not finish; nothing is computed for it")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.crown_n is not None and args.crown_n < 0:
         parser.error(f"--crown-n must be >= 0, got {args.crown_n}")
+    if args.crown_seeds is not None and args.crown_seeds < 1:
+        parser.error(f"--crown-seeds must be >= 1, got {args.crown_seeds}")
     if args.table != "all" and args.table not in TABLES:
         parser.error(f"unknown table {args.table!r}; known: all, {', '.join(TABLES)}")
     rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
@@ -47,7 +57,10 @@ def main(argv=None) -> int:
             parser.error(f"--crown-n {args.crown_n} is more than the scale's {scale.verify_n} verify samples")
         scale = dataclasses.replace(scale, crown_n=args.crown_n)
     out = args.out or Path(__file__).parents[1] / "results" / scale.name
-    pipeline = Pipeline(scale, out, args.data_root, args.device, quiet=not args.verbose)
+    pipeline = Pipeline(scale, out, args.data_root, args.device, quiet=not args.verbose,
+                        crown_device=args.crown_device, crown_seeds=args.crown_seeds,
+                        crown_cached_only=args.crown_cached_only)
+    crown_seeds = min(args.seeds, args.crown_seeds or args.seeds)
     tables = list(TABLES) if args.table == "all" else [args.table]
     datasets = {"mnist": pipeline.available(scale.mnist), "cifar10": pipeline.available("cifar10")}
     transfer = None
@@ -59,6 +72,8 @@ def main(argv=None) -> int:
     atomic_write_json(out / "run.json", {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.paper", *sys.argv[1:]])
                                          if argv is None else "benchmarks.paper " + " ".join(argv),
                                          "scale": asdict(scale), "seeds": args.seeds, "rows": rows,
+                                         **({"crown_seeds": crown_seeds, "crown_device": pipeline.crown_device,
+                                             "crown_cached_only": args.crown_cached_only} if scale.crown_n else {}),
                                          "datasets": {**{k: v or "available" for k, v in datasets.items()},
                                                       **({"imagenet": transfer or "available"} if "imagenet" in tables else {})},
                                          "versions": environment()})
@@ -69,7 +84,8 @@ def main(argv=None) -> int:
             if dataset in wanted and datasets[dataset] is None for row in rows]
     jobs += [(seed, "imagenet", row) for seed in range(args.seeds) for row in rows if "imagenet" in tables and not transfer]
     for seed, dataset, row in tqdm(jobs, desc="paper", dynamic_ncols=True):
-        records.append(pipeline.transfer(row, seed) if dataset == "imagenet" else pipeline.record(row, dataset, seed))
+        records.append(pipeline.transfer(row, seed) if dataset == "imagenet" else
+                       pipeline.record(row, dataset, seed, attacks=any(t.startswith("game") for t in tables)))
         atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
     note = (f"Scale `{scale.name}`; {args.seeds} seed(s); mean ± std over seeds (sample std). Values in the "
             f"'reported by others' columns come from ../shared/paper_reported.md (the paper's setting, not ours).")
@@ -97,7 +113,11 @@ def main(argv=None) -> int:
                         f"Certified lower bounds, {title_data}",
                         note + f" Certified radius per sample (bisection, {scale.radius_steps} steps, "
                         f"{scale.verify_n} test samples; "
-                        + (f"full CROWN on the first {scale.crown_n} of them), " if scale.crown_n else
+                        + (f"full CROWN on the first {scale.crown_n} of them"
+                           + (f", seed{'s' if crown_seeds > 1 else ''} 0{f'-{crown_seeds - 1}' if crown_seeds > 1 else ''} only"
+                              if crown_seeds < args.seeds else "")
+                           + ("; only where its stage finished, n/a elsewhere" if args.crown_cached_only else "")
+                           + "), " if scale.crown_n else
                            "full CROWN not run: n/a, see --crown-n), ")
                         + "mean / median. The PGD radius is an upper bound. Verified accuracy "
                         "is the share of samples whose best certified radius reaches the eps.")

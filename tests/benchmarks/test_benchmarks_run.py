@@ -121,3 +121,7 @@ def test_crown_profile_times_every_intermediate_node_and_pieces_change_nothing(t
     assert pieces["margin"] == pytest.approx(whole["margin"], rel=1e-5, abs=1e-5)
     assert any(node["kind"] == "BoundConcat" and node["start"].startswith("Patches") for node in whole["nodes"])
     assert json.loads((tmp_path / "b.json").read_text())["settings"]["max_rows"] == 64
+    # samples bounded together get the bounds each gets alone (the batch a GPU run uses)
+    both = crown_profile.main([str(path), "--eps", "0.002", "--batch", "2", "--out", str(tmp_path / "c.json")])
+    second = crown_profile.main([str(path), "--eps", "0.002", "--sample", "1", "--out", str(tmp_path / "d.json")])
+    assert both["margins"] == pytest.approx([pieces["margin"], second["margin"]], rel=1e-5, abs=1e-5)

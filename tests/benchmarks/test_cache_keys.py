@@ -1,7 +1,6 @@
 """Settings added or renamed since the claim experiment's committed cache was made keep its stage keys:
-its cached searches and trainings are found, not recomputed. (The paper tables' cpu cache predates
-the certified weight step and the training recipe, whose settings changed its keys: a rerun of the
-paper tables recomputes it.)"""
+its cached searches and trainings are found, not recomputed (the paper tables' cpu cache: through
+``former_search_key``, tests/benchmarks/test_paper.py). A stage made from another model runs again."""
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -72,3 +71,41 @@ def test_a_new_value_of_an_added_setting_is_part_of_the_key():
     assert stage_settings(TrainConfig())["head_grid"] == 0  # today's default is not what the caches ran with
     combined = stage_settings(SearchConfig(term="clb", strategy="pgd"))  # no one-word metric names it
     assert combined["term"] == "clb" and combined["strategy"] == "pgd" and "metric" not in combined
+
+
+def test_a_stage_made_from_another_model_runs_again(tmp_path):
+    """Model files are not committed: a retrained model (not bit-identical) must not reuse the attack or
+    verify stage of the model it replaced, while an unchanged one does."""
+    from benchmarks.common import cached_stage, model_digest
+    runs = []
+
+    def train(folder, resume):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.pt").write_bytes(f"weights {len(runs)}".encode())
+        runs.append("train")
+
+    def verify(folder, resume):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "verify.json").write_text("{}")
+        runs.append("verify")
+
+    trained = cached_stage(tmp_path, "train", "t", "model.pt", train)
+    first = model_digest(trained)
+    assert first is not None
+    for _ in range(2):
+        cached_stage(tmp_path, "verify", "v", "verify.json", verify, inputs={"model": model_digest(trained)})
+    assert runs == ["train", "verify"]
+    (trained / "model.pt").unlink()  # a fresh clone: the model is retrained
+    cached_stage(tmp_path, "train", "t", "model.pt", train)
+    assert model_digest(trained) not in (None, first)
+    cached_stage(tmp_path, "verify", "v", "verify.json", verify, inputs={"model": model_digest(trained)})
+    assert runs == ["train", "verify", "train", "verify"]
+    # a stage saved before digests were kept is reused for a model without one, and only for such a model
+    legacy = tmp_path / "verify-old"
+    legacy.mkdir()
+    (legacy / "verify.json").write_text("{}")
+    (legacy / "stage.json").write_text(json.dumps({"stage": "verify", "seconds": 1.0, "resumed": False}))
+    cached_stage(tmp_path, "verify", "old", "verify.json", verify, inputs={"model": None})
+    assert len(runs) == 4
+    cached_stage(tmp_path, "verify", "old", "verify.json", verify, inputs={"model": model_digest(trained)})
+    assert len(runs) == 5

@@ -31,6 +31,12 @@ def test_paper_pipeline_runs_end_to_end_and_reuses_its_cache(tmp_path):
     stages = sorted(p.name for p in (out / "cache").iterdir())
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(out)])  # all cached
     assert sorted(p.name for p in (out / "cache").iterdir()) == stages
+    # CROWN stages of another device, only where cached: none here, so n/a and nothing runs (no GPU needed)
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--table", "certified", "--out", str(out),
+                "--crown-device", "cuda", "--crown-cached-only"])
+    assert sorted(p.name for p in (out / "cache").iterdir()) == stages
+    assert pd.read_csv(out / "certified_mnist.csv", keep_default_na=False)["L-inf crown mean / median"].tolist() == ["n/a"]
+    assert "only where its stage finished" in (out / "certified_mnist.md").read_text()
     moved = tmp_path / "elsewhere"  # a cloned or moved results folder keeps its cache
     out.rename(moved)
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved)])
@@ -104,3 +110,24 @@ def test_the_paper_protocol_still_runs_the_searches_of_the_committed_tables():
         assert {k: today[k] for k in _EARLIER_BEHAVIOUR} == _EARLIER_BEHAVIOUR, row
         weights = config.weight_training()
         assert (weights.mode, weights.optimizer, weights.lr) == ("standard", "sgd", before["w_lr"]), row
+
+
+def test_todays_pipeline_finds_the_committed_tables_searches(monkeypatch):
+    """The searches of the committed cpu tables are found under the key they were saved with
+    (``former_search_key``), not searched again after each new search setting."""
+    from pathlib import Path
+    from benchmarks.paper import pipeline as pipeline_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("a committed search would run again")
+
+    monkeypatch.setattr(pipeline_module, "search", never)
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu"
+    pipeline = pipeline_module.Pipeline(paper.SCALES["cpu"], out, None, "cpu")
+    found = {pipeline.search(row, "mnist", seed).name for row in paper.ROWS for seed in range(3)}
+    assert len(found) == 21 and all((out / "cache" / name / "genotype.json").is_file() for name in found)
+    # a search whose added settings leave the earlier behaviour has no former key
+    config = pipeline.search_config("DSRNA-CB", "mnist", 0)
+    assert pipeline_module.former_search_key(config) is not None
+    from dataclasses import replace
+    assert pipeline_module.former_search_key(replace(config, weight_mode="ibp")) is None

@@ -231,3 +231,25 @@ def test_per_class_margin_bounds_hold_at_sampled_and_attacked_points(method):
             logits = net(point)
             margins = logits.gather(1, y.view(-1, 1)) - logits
             assert (margins >= bounds_ - 1e-5).all()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_bounds_are_computed_without_tf32_and_the_settings_are_restored(net, x, method, monkeypatch):
+    """TF32 convolutions (PyTorch's default on recent GPUs) lose about three decimal digits: no bound may
+    be computed with them. The flags are what torch reads on a GPU; here they are observed, not used."""
+    seen = []
+    original = lirpa.BoundedModule.compute_bounds
+
+    def observed(self, *args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lirpa.BoundedModule, "compute_bounds", observed)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        margin_lower_bound(net.eval(), x, torch.tensor([0, 1]), 0.01, method=method)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen and all(flags == (False, False) for flags in seen)
