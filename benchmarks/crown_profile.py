@@ -57,7 +57,13 @@ def main(argv=None) -> Dict:
     pairs = [splits.test[i] for i in range(args.sample, args.sample + args.batch)]
     x = torch.stack([p[0] for p in pairs]).to(args.device)
     y = torch.tensor([int(p[1]) for p in pairs], device=args.device)
-    model = model.to(args.device)
+    model = model.to(args.device).eval()
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except RuntimeError as error:
+        parser.error(f"the model does not take {args.data} inputs of shape {tuple(x.shape[1:])}: "
+                     f"{str(error).splitlines()[0]}")
     cuda = x.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     nodes: List[Dict] = []

@@ -125,3 +125,26 @@ def test_crown_profile_times_every_intermediate_node_and_pieces_change_nothing(t
     both = crown_profile.main([str(path), "--eps", "0.002", "--batch", "2", "--out", str(tmp_path / "c.json")])
     second = crown_profile.main([str(path), "--eps", "0.002", "--sample", "1", "--out", str(tmp_path / "d.json")])
     assert both["margins"] == pytest.approx([pieces["margin"], second["margin"]], rel=1e-5, abs=1e-5)
+
+
+def test_crown_profile_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
+    """A missing file, a bad eps, a sample past the split and a model for other inputs (CIFAR-sized
+    channels against MNIST digits): one line on stderr and exit code 2, no traceback."""
+    import torch
+    from benchmarks import crown_profile
+    from certnas.io import save_model
+    from certnas.space.genotype import random_genotype
+    from certnas.space.network import NetworkConfig, build_network
+    config = NetworkConfig("darts", 3, 32, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                           genotype=random_genotype(seed=4).to_dict(), layers=2, init_channels=4, stem="strided")
+    path = tmp_path / "rgb.pt"
+    torch.manual_seed(0)
+    save_model(build_network(config).eval(), path, network=config.to_dict())
+    for args, message in [([str(tmp_path / "missing.pt")], "missing.pt"), ([str(path), "--eps", "0"], "--eps > 0"),
+                          ([str(path), "--sample", "100000"], "test split has"),
+                          ([str(path)], "does not take mnist-embedded inputs")]:
+        with pytest.raises(SystemExit) as exit_info:
+            crown_profile.main(args + ["--out", str(tmp_path / "p.json")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
