@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from benchmarks.common import cached_stage, config_hash, environment, model_digest, stage_settings, write_json
+from benchmarks.common import cached_stage, config_hash, environment, evaluated, stage_settings, write_json
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.files import atomic_write_text
 from certnas.search import SearchConfig, search
@@ -135,7 +135,7 @@ class Experiment:
         key = config_hash("verify", asdict(config), model.parent.name)
         return cached_stage(self.cache, "verify", key, "verify.json",
                             lambda f, resume: run_verify(config, model, f, quiet=self.quiet),
-                            inputs={"model": model_digest(model.parent)})
+                            inputs=evaluated(model))
 
     def attack(self, model: Path) -> Path:
         config = AttackConfig(attacks=("pgd", "autoattack"), eps=max(self.scale.eps), norm="inf",
@@ -145,7 +145,7 @@ class Experiment:
         key = config_hash("attack", asdict(config), model.parent.name)
         return cached_stage(self.cache, "attack", key, "attack.json",
                             lambda f, resume: run_attacks(config, model, f, quiet=self.quiet),
-                            inputs={"model": model_digest(model.parent)})
+                            inputs=evaluated(model))
 
     def record(self, row: str, seed: int) -> Dict[str, Any]:
         genotype = json.loads(self.genotype(row, seed).read_text())

@@ -92,6 +92,11 @@ def model_digest(trained: Path) -> Optional[str]:
     return json.loads(stamp.read_text()).get("model_sha256") if stamp.is_file() else None
 
 
+def evaluated(model: Path) -> Dict[str, Optional[str]]:
+    """The ``inputs`` of a stage that evaluates ``model`` (a train stage's ``model.pt``)."""
+    return {"model": model_digest(Path(model).parent)}
+
+
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -274,14 +274,10 @@ def full_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
+@full_float32()
 def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
            method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True, conv_mode: str = "patches",
            sparse: bool = True, box: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-    with full_float32():
-        return _bound_float32(model, x, eps_t, norm, method, C, bound_upper, conv_mode, sparse, box)
-
-
-def _bound_float32(model, x, eps_t, norm, method, C, bound_upper, conv_mode, sparse, box):
     uniform = bool((eps_t == eps_t[0]).all())
     if norm != math.inf and not uniform and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP):
         # auto_LiRPA 0.3's IBP through the scaled-input wrapper below is unsound for L2 (it

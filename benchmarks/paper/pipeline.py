@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from benchmarks.common import cached, cached_stage, config_hash, model_digest, stage_settings
+from benchmarks.common import cached, cached_stage, config_hash, evaluated, stage_settings
 from benchmarks.paper.scales import ROWS, Scale
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.search import SearchConfig, search
@@ -60,8 +60,7 @@ class Pipeline:
         return None
 
     def _stage(self, stage: str, key: str, marker: str, run, model: Optional[Path] = None) -> Path:
-        inputs = None if model is None else {"model": model_digest(model.parent)}
-        return cached_stage(self.cache, stage, key, marker, run, inputs=inputs)
+        return cached_stage(self.cache, stage, key, marker, run, inputs=None if model is None else evaluated(model))
 
     def search_config(self, row: str, dataset: str, seed: int) -> SearchConfig:
         """The search a row runs at this scale (the paper's protocol, ``PAPER_PROTOCOL``)."""
@@ -117,7 +116,7 @@ class Pipeline:
                               device=device or self.device, **({"crown_max_relus": 0} if "crown" in methods else {}))
         key = config_hash("verify", asdict(config), model.parent.name)
         if cached_only:
-            folder = cached(self.cache, "verify", key, "verify.json", {"model": model_digest(model.parent)})
+            folder = cached(self.cache, "verify", key, "verify.json", evaluated(model))
             if folder is None:
                 return None
         else:
