@@ -9,6 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
+import torch
+
 from benchmarks.paper.figures import figures
 from benchmarks.paper.pipeline import Pipeline
 from benchmarks.paper.scales import ROWS, SCALES, TABLES
@@ -45,6 +47,16 @@ def main(argv=None) -> int:
         parser.error(f"--crown-n must be >= 0, got {args.crown_n}")
     if args.crown_seeds is not None and args.crown_seeds < 1:
         parser.error(f"--crown-seeds must be >= 1, got {args.crown_seeds}")
+    from certnas.cli import _check_device
+    from certnas.config import ConfigError
+    for flag, device in (("--device", args.device), ("--crown-device", args.crown_device)):
+        try:  # a cached-only CROWN column never runs on its device: the name need only parse
+            if device is not None and not (flag == "--crown-device" and args.crown_cached_only):
+                _check_device(device)
+            elif device is not None:
+                torch.device(device)
+        except (ConfigError, RuntimeError) as error:
+            parser.error(f"{flag} {device!r}: {str(error).splitlines()[0]}")
     if args.table != "all" and args.table not in TABLES:
         parser.error(f"unknown table {args.table!r}; known: all, {', '.join(TABLES)}")
     rows = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]

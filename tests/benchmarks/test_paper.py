@@ -131,3 +131,15 @@ def test_todays_pipeline_finds_the_committed_tables_searches(monkeypatch):
     assert pipeline_module.former_search_key(config) is not None
     from dataclasses import replace
     assert pipeline_module.former_search_key(replace(config, weight_mode="ibp")) is None
+
+
+@pytest.mark.parametrize("args,message", [(["--crown-device", "foo"], "--crown-device 'foo'"),
+                                          (["--device", "nonsense"], "--device 'nonsense'"),
+                                          (["--crown-seeds", "0"], "--crown-seeds must be >= 1")])
+def test_a_bad_device_or_crown_option_is_one_line_with_exit_code_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        paper.main(["--scale", "tiny", "--out", str(tmp_path)] + args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # refused before any stage ran
