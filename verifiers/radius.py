@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from verifiers.bounds import BoundMethod, margin_lower_bound
+from verifiers.rounding import RTOL, logit_scale
 
 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Union[float, str] = math.inf,
@@ -17,9 +18,11 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     """Per-sample certified radius by bisection on [0, eps_max], all samples at once.
 
     x: (B, ...) in [0, 1]; y: (B,). Returns (B,) radii in pixel units; each returned radius is one
-    at which the margin lower bound was computed and found positive (0 where even eps = 0 is not
-    certified, e.g. a misclassified sample), so the result is sound even where bounds are not
-    monotone in eps. After ``steps`` halvings the true bisection radius lies within
+    at which the margin lower bound was computed and found above float32 rounding (greater than
+    ``verifiers.rounding``'s tolerance; 0 where even eps = 0 is not certified, e.g. a misclassified
+    sample), so the result is sound even where bounds are not monotone in eps. (A probe whose margin
+    is positive but within the tolerance counts as not certified: the bisection resolves the radius
+    below it instead of paying for a float64 recheck.) After ``steps`` halvings the true bisection radius lies within
     ``eps_max / 2**steps`` above the returned value.
 
     eps_min > 0 bisects in log space on [eps_min, eps_max] (as CNN-Cert does), for networks whose
@@ -38,11 +41,18 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     upper = torch.as_tensor(eps_max, device=x.device, dtype=x.dtype).expand(batch).clone().clamp_min(float(eps_min))
     attacked = torch.zeros(batch, dtype=torch.bool, device=x.device) if attacked is None else attacked.to(x.device)
     with torch.no_grad():
-        certified_zero = margin_lower_bound(model, x, y, float(eps_min), norm=norm, method=method) > 0
+        tolerance = RTOL * logit_scale(model, x)
+
+        def certified(index: torch.Tensor, at) -> torch.Tensor:
+            margin = margin_lower_bound(model, x[index], y[index], at, norm=norm, method=method)
+            return margin > tolerance[index]
+
+        everyone = torch.arange(batch, device=x.device)
+        certified_zero = certified(everyone, float(eps_min))
         at_max = torch.zeros(batch, dtype=torch.bool, device=x.device)
         probe = (certified_zero & ~attacked).nonzero().flatten()
         if len(probe):
-            at_max[probe] = margin_lower_bound(model, x[probe], y[probe], upper[probe], norm=norm, method=method) > 0
+            at_max[probe] = certified(probe, upper[probe])
         lower = torch.where(at_max, upper, lower)
         active = certified_zero & ~at_max
         for _ in range(steps):
@@ -50,7 +60,7 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
                 break
             index = active.nonzero().flatten()
             middle = (lower[index] * upper[index]).sqrt() if log else (lower[index] + upper[index]) / 2
-            ok = margin_lower_bound(model, x[index], y[index], middle, norm=norm, method=method) > 0
+            ok = certified(index, middle)
             lower[index] = torch.where(ok, middle, lower[index])
             upper[index] = torch.where(ok, upper[index], middle)
     return torch.where(certified_zero, lower, torch.zeros_like(lower))

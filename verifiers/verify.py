@@ -29,8 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from verifiers.bounds import BoundMethod, margin_lower_bound, parse_norm
+from verifiers.bounds import BoundMethod, parse_norm
 from verifiers.errors import BoundInputError, UnsupportedModelError
+from verifiers.rounding import certified_margin
 
 Falsifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -195,7 +196,8 @@ def _milp_margins(model, x, y, eps: torch.Tensor, time_limit: float, max_relus: 
 def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: float, method: str, *,
                batch_size: int = 64, milp_time_limit: float = 60.0, milp_max_relus: int = 2000,
                progress: Optional[Callable[[int], None]] = None) -> List[Optional[float]]:
-    """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit)."""
+    """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit); a bound
+    method's margins near 0 are rechecked in float64 (``verifiers.rounding.certified_margin``)."""
     if REGISTRY[method].exact:
         return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
     out: List[Optional[float]] = []
@@ -203,7 +205,7 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
     with torch.no_grad() if REGISTRY[method].bound is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
-            bound = margin_lower_bound(model, x[part], y[part], eps[part], norm=norm, method=method)
+            bound = certified_margin(model, x[part], y[part], eps[part], norm=norm, method=method)
             out.extend(float(v) for v in bound.detach())
             if progress is not None:
                 progress(len(x[part]))

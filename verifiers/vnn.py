@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from verifiers.bounds import box_bounds
 from verifiers.errors import UnsupportedModelError
+from verifiers.rounding import certified_slack
 from verifiers.verify import METHODS, REGISTRY, SoundnessError
 from verifiers.vnnlib import Property
 
@@ -121,8 +121,8 @@ def attack(model: nn.Module, prop: Property, shape: Tuple[int, ...], *, restarts
 def _bound_rows(prop: Property, open_clauses: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     rows = [prop.clauses[k].A for k in open_clauses]
     offsets = [0] + list(np.cumsum([len(r) for r in rows]))
-    C = torch.as_tensor(np.concatenate(rows), dtype=torch.float32).unsqueeze(0)
-    b = torch.as_tensor(np.concatenate([prop.clauses[k].b for k in open_clauses]), dtype=torch.float32)
+    C = torch.as_tensor(np.concatenate(rows), dtype=torch.float64).unsqueeze(0)
+    b = torch.as_tensor(np.concatenate([prop.clauses[k].b for k in open_clauses]), dtype=torch.float64)
     return C, b, offsets
 
 
@@ -174,8 +174,7 @@ def check_property(model: nn.Module, prop: Property, input_shape: Sequence[int],
         else:
             C, b, offsets = _bound_rows(prop, open_clauses)
             with torch.no_grad() if method != "alpha-crown" else torch.enable_grad():
-                rows, _ = box_bounds(model, lower, upper, C=C.to(device), method=method)
-            slack = (rows[0].detach().cpu() - b).numpy()
+                slack = certified_slack(model, lower, upper, C.to(device), b, method=method).numpy()
             proven = [k for i, k in enumerate(open_clauses) if slack[offsets[i]:offsets[i + 1]].max() > 0]
             open_clauses = [k for k in open_clauses if k not in proven]
             note(f"{method}: {len(proven)} clause(s) proven infeasible, {len(open_clauses)} open "

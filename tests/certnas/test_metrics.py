@@ -55,9 +55,12 @@ def test_the_log_radius_form_has_a_signal_where_linear_bisection_rounds_to_zero(
 def test_certified_radius_is_certified_and_tight_to_the_bisection_tolerance():
     net, x, y = _setup()
     from verifiers.bounds import margin_lower_bound
+    from verifiers.rounding import RTOL, logit_scale
     radius = certified_radius(net, x, y, method="crown-ibp", eps_max=1.0, steps=12)
-    assert (margin_lower_bound(net, x, y, radius, method="crown-ibp") > 0).all()
-    assert (margin_lower_bound(net, x, y, radius + 2.0 ** -12, method="crown-ibp") <= 0).all()
+    # certified: the margin clears the rounding tolerance at the radius, and no longer one step above it
+    tolerance = RTOL * logit_scale(net, x)
+    assert (margin_lower_bound(net, x, y, radius, method="crown-ibp") > tolerance).all()
+    assert (margin_lower_bound(net, x, y, radius + 2.0 ** -12, method="crown-ibp") <= tolerance).all()
 
 
 def test_jacobian_term_is_minus_eps_times_mean_dual_norm():

@@ -73,7 +73,7 @@ def test_soundness_guard_stops_on_a_false_certificate(monkeypatch):
     def lying_bound(model, x, y, eps, **kwargs):
         return torch.ones(len(x))  # "certified" at any eps
 
-    monkeypatch.setattr(verify_module, "margin_lower_bound", lying_bound)
+    monkeypatch.setattr(verify_module, "certified_margin", lying_bound)
     with pytest.raises(SoundnessError, match=r"sample \d+: method ibp certified eps 0\.5"):
         verify_methods(model, x, y, 0.5, methods=["ibp"], falsifier=_falsifier(model))
 
@@ -112,8 +112,8 @@ def test_crown_bounds_fewer_samples_at_once_on_large_networks_with_the_same_resu
     assert verify_module.method_batch_size(model, x, "ibp", 64) == 64
     together = verify_methods(model, x, y, 0.05, methods=["crown"])
     calls = []
-    original = verify_module.margin_lower_bound
-    monkeypatch.setattr(verify_module, "margin_lower_bound", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
+    original = verify_module.certified_margin
+    monkeypatch.setattr(verify_module, "certified_margin", lambda *a, **k: calls.append(len(a[1])) or original(*a, **k))
     monkeypatch.setattr(verify_module, "CROWN_BATCH_RELUS", 40)  # 16 ReLUs per sample: 2 samples at once
     assert verify_module.method_batch_size(model, x, "crown", 64) == 2
     assert verify_module.method_batch_size(model, x, "crown-ibp", 64) == 64

@@ -151,6 +151,7 @@ def test_the_guard_refuses_a_false_unsat(tmp_path, monkeypatch):
                                          "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= Y_1 Y_0))\n"))
     honest = check_property(model, prop, (1, 1), restarts=1, steps=1, methods=("ibp", "crown"), guard=True)
     assert honest.verdict in ("unknown", "sat")
-    monkeypatch.setattr(vnn_module, "box_bounds", lambda model, lower, upper, C, method: (torch.full(C.shape[:2], 1e9), None))
+    monkeypatch.setattr(vnn_module, "certified_slack",
+                        lambda model, lower, upper, C, b, method: torch.full(C.shape[1:2], 1e9, dtype=torch.float64))
     with pytest.raises(SoundnessError, match="bound-engine bug"):
         check_property(model, prop, (1, 1), restarts=1, steps=1, methods=("ibp",))
