@@ -10,6 +10,10 @@ Methods are the bound methods of ``verifiers.bounds`` (ibp, crown-ibp, crown, al
   sample ends ``certified`` (by the first method that proves it), ``falsified`` or ``unknown``.
 - ``radii``: the certified radius per sample and method (batched bisection).
 
+A bound method certifies a sample when its margin is positive also against float32 rounding: margins
+within ``verifiers.rounding``'s tolerance of 0 are rechecked in float64 (radii: such probes count as not
+certified).
+
 The soundness guard: every certificate (a positive margin lower bound at eps, or a certified radius)
 is attacked at that eps before it is reported. An attack that succeeds against a certificate means
 the engine is wrong, and ``SoundnessError`` stops the run naming the sample and method. The guard
