@@ -31,15 +31,29 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def source_commit(directory: Path) -> str:
+    """The git commit checked out at ``directory``, with ``+dirty`` when tracked files differ from it; ''
+    outside a git checkout or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=directory).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
+        return commit
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# read once, when the code is imported: a long run records the commit of the code it runs, not the one
+# checked out when it finishes (a 73-minute search recorded a commit made while it ran)
+SOURCE_COMMIT = source_commit(Path(__file__).parent)
+
+
 def environment() -> Dict[str, str]:
     from verifiers.lirpa import AUTO_LIRPA_VERSION
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
     return {"certnas": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION, "git_commit": commit,
+            "numpy": np.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION, "git_commit": SOURCE_COMMIT,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
