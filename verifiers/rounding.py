@@ -113,10 +113,10 @@ def certified_slack(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, 
     model.eval()
     try:
         with torch.no_grad():
-            logits = model((lower + upper) / 2).detach().double().cpu()
+            logits = model((lower + upper) / 2).detach().double().cpu().reshape(-1)
     finally:
         model.train(was_training)
-    scale = 1.0 + C64[0].abs().cpu() @ logits[0].abs() + b64.abs()
+    scale = 1.0 + C64[0].abs().cpu() @ logits.abs() + b64.abs()
     near = (slack > 0) & (slack <= RTOL * scale)
     if bool(near.any()):
         exact, _ = box_bounds(float64_copy(model), lower.double(), upper.double(), C=C64.to(lower.device),
