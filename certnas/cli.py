@@ -401,6 +401,10 @@ def verify(ctx, model, shard, out, vnnlib, timeout, result_file, **settings):
             click.echo(f"radius {method}: mean {stats['mean']:.5g}, median {stats['median']:.5g}")
         for method, reason in summary["skipped"].items():
             click.echo(f"skipped {method}: {reason}")
+        for method, counts in summary["rounding"].items():
+            if counts["rechecked"]:
+                click.echo(f"rounding {method}: {counts['rechecked']} margins within the float32 tolerance of 0 "
+                           f"rechecked in float64, {counts['rejected']} of them not certified")
         click.echo(f"written to {out / 'verify.csv'} and {out / 'verify.json'}")
 
 

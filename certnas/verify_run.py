@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -90,6 +90,8 @@ class ShardResult:
     clean: List[bool]
     pgd: List[bool]
     skipped: Dict[str, str]
+    # per bound method: margins near 0 that the float64 check recomputed, and how many it refused
+    rounding: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
@@ -135,7 +137,7 @@ def run_verify(config: VerifyConfig, model_path: Path, out: Optional[Path] = Non
         parts = [asdict(part)]
     rows = _merged_rows(parts)
     summary = _summary(config, model_path, evaluation,
-                       [ShardResult(**{k: p[k] for k in ShardResult.__dataclass_fields__}) for p in parts], rows)
+                       [ShardResult(**{k: p[k] for k in ShardResult.__dataclass_fields__ if k in p}) for p in parts], rows)
     if out is not None and world.main:
         import pandas as pd
         out = Path(out)
@@ -161,6 +163,7 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
     with torch.no_grad():
         pgd_robust = clean & (model(falsifier(x, y, eps_t)).argmax(1) == y) if len(x) else clean
     rows: List[Dict[str, Any]] = []
+    rounding: Dict[str, Dict[str, int]] = {}
     # methods the cascade leaves out on this model (explicitly listed ones raise instead)
     example = evaluation.x[:1]
     skipped = {m: "network too large for matrix-mode CROWN" for m in methods
@@ -172,11 +175,12 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
         if len(x) == 0:
             pass
         elif run_cascade:
-            results = cascade(model, x, y, config.eps, norm=config.norm, methods=methods, progress=bar.update, **common)
+            results = cascade(model, x, y, config.eps, norm=config.norm, methods=methods, progress=bar.update,
+                              rounding=rounding, **common)
             rows += [{**r.row(), "mode": "cascade"} for r in results]
         else:
             results = verify_methods(model, x, y, config.eps, norm=config.norm, methods=methods,
-                                     progress=bar.update, **common)
+                                     progress=bar.update, rounding=rounding, **common)
             rows += [{**r.row(), "mode": "eps"} for r in results]
         if config.radius and len(x):
             radius_methods = [m for m in methods if m not in skipped]
@@ -193,7 +197,7 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
     position_of = dict(zip(indices, positions))
     for row in rows:
         row["position"] = position_of[row["index"]]
-    return ShardResult(positions, rows, clean.tolist(), pgd_robust.tolist(), skipped)
+    return ShardResult(positions, rows, clean.tolist(), pgd_robust.tolist(), skipped, rounding)
 
 
 def _merged_rows(parts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -233,6 +237,12 @@ def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[Sha
             summary_rows.append({"method": method,
                                  "accuracy": sum(r["status"] == Status.CERTIFIED.value for r in mine) / n,
                                  "seconds_per_sample": sum(seconds) / len(seconds) if seconds else None})
+    rounding: Dict[str, Dict[str, int]] = {}
+    for part in parts:
+        for method, counts in part.rounding.items():
+            total = rounding.setdefault(method, {"rechecked": 0, "rejected": 0})
+            for key in total:
+                total[key] += counts.get(key, 0)
     radius_summary: Dict[str, Any] = {}
     if config.radius:
         for method in [m for m in methods if m not in skipped] + [f"pgd-{config.pgd_steps}"]:
@@ -240,7 +250,7 @@ def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[Sha
             name = method if not method.startswith("pgd-") else f"{method} (upper)"
             radius_summary[name] = summarize(values)
     return {"model": str(model_path), "data": evaluation.data, "n": n, "eps": config.eps, "norm": config.norm,
-            "results": summary_rows, "radius": radius_summary, "skipped": skipped,
+            "results": summary_rows, "radius": radius_summary, "skipped": skipped, "rounding": rounding,
             "radius_tolerance": (None if not config.radius else
                                  f"factor {(config.eps_max / config.radius_min) ** (1 / 2 ** config.radius_steps):.6g}"
                                  if config.radius_min > 0 else config.eps_max / 2 ** config.radius_steps),

@@ -199,9 +199,11 @@ def _milp_margins(model, x, y, eps: torch.Tensor, time_limit: float, max_relus: 
 
 def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: float, method: str, *,
                batch_size: int = 64, milp_time_limit: float = 60.0, milp_max_relus: int = 2000,
-               progress: Optional[Callable[[int], None]] = None) -> List[Optional[float]]:
+               progress: Optional[Callable[[int], None]] = None,
+               counts: Optional[Dict[str, int]] = None) -> List[Optional[float]]:
     """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit); a bound
-    method's margins near 0 are rechecked in float64 (``verifiers.rounding.certified_margin``)."""
+    method's margins near 0 are rechecked in float64 (``verifiers.rounding.certified_margin``), and
+    ``counts`` (optional) gets the number ``rechecked`` and ``rejected`` by that check added."""
     if REGISTRY[method].exact:
         return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
     out: List[Optional[float]] = []
@@ -209,7 +211,7 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
     with torch.no_grad() if REGISTRY[method].bound is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
-            bound = certified_margin(model, x[part], y[part], eps[part], norm=norm, method=method)
+            bound = certified_margin(model, x[part], y[part], eps[part], norm=norm, method=method, counts=counts)
             out.extend(float(v) for v in bound.detach())
             if progress is not None:
                 progress(len(x[part]))
@@ -236,9 +238,11 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
                    methods: Sequence[str], indices: Optional[Sequence[int]] = None,
                    falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
                    milp_max_relus: int = 2000, crown_max_relus: int = 250000,
-                   progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+                   progress: Optional[Callable[[int], None]] = None,
+                   rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
     """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified for an
-    exact milp minimum < 0). x: (B, ...) in [0, 1]; y: (B,)."""
+    exact milp minimum < 0). x: (B, ...) in [0, 1]; y: (B,). ``rounding`` (optional) gets, per method,
+    how many margins the float64 check ``rechecked`` and how many of those it ``rejected``."""
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
@@ -251,7 +255,8 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         check_crown_size(model, x, method, crown_max_relus)
         began = time.perf_counter()
         margins = margins_by(model, x, y, eps_t, norm, method, batch_size=batch_size, milp_time_limit=milp_time_limit,
-                             milp_max_relus=milp_max_relus, progress=progress)
+                             milp_max_relus=milp_max_relus, progress=progress,
+                             counts=None if rounding is None else rounding.setdefault(method, {}))
         seconds = (time.perf_counter() - began) / max(len(x), 1)
         certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
         guard(model, x, y, eps_t, certified, method, indices, falsifier)
@@ -266,11 +271,13 @@ def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, n
             methods: Sequence[str] = CASCADE_ORDER, indices: Optional[Sequence[int]] = None,
             falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
             milp_max_relus: int = 2000, crown_max_relus: int = 250000,
-            progress: Optional[Callable[[int], None]] = None) -> List[SampleResult]:
+            progress: Optional[Callable[[int], None]] = None,
+            rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
     """Cheap methods first, each on the samples still undecided; one final result per sample,
     whose ``method`` names what decided it ("clean" / "attack" for falsified, "-" for unknown).
     ``milp`` is skipped (not an error) when the model is not a small ReLU MLP or the norm is L2, and
-    crown / alpha-crown when the network has more than ``crown_max_relus`` ReLU neurons."""
+    crown / alpha-crown when the network has more than ``crown_max_relus`` ReLU neurons. ``rounding`` as in
+    ``verify_methods``."""
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
@@ -298,7 +305,8 @@ def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, n
         where = torch.tensor(undecided, device=x.device)
         began = time.perf_counter()
         margins = margins_by(model, x[where], y[where], eps_t[where], norm, method, batch_size=batch_size,
-                             milp_time_limit=milp_time_limit, milp_max_relus=milp_max_relus, progress=progress)
+                             milp_time_limit=milp_time_limit, milp_max_relus=milp_max_relus, progress=progress,
+                             counts=None if rounding is None else rounding.setdefault(method, {}))
         seconds = (time.perf_counter() - began) / len(undecided)
         certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
         guard(model, x[where], y[where], eps_t[where], certified, method, [indices[i] for i in undecided], falsifier)

@@ -118,3 +118,18 @@ def test_two_gloo_processes_verify_into_the_files_of_one(models, tmp_path):
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     _assert_same_files(tmp_path / "one", tmp_path / "two")
+
+
+def test_verify_json_counts_the_margins_rechecked_in_float64_and_shards_sum_them(models, tmp_path, monkeypatch):
+    """With the float32 tolerance raised above every margin, each positive margin is rechecked in float64
+    (a real recomputation) and confirmed: the counts equal the certified counts, also when sharded."""
+    import verifiers.rounding
+    monkeypatch.setattr(verifiers.rounding, "RTOL", 1e3)
+    config = VerifyConfig(methods=("ibp", "crown-ibp"), eps=0.02, n=23, pgd_steps=5)
+    summary = run_verify(config, models["mlp"], tmp_path / "one", quiet=True)
+    certified = {row["method"]: round(row["accuracy"] * 23) for row in summary["results"]}
+    assert certified["ibp"] > 0
+    assert summary["rounding"] == {m: {"rechecked": certified[m], "rejected": 0} for m in ("ibp", "crown-ibp")}
+    for i in range(2):
+        sharded = run_verify(config, models["mlp"], tmp_path / "sharded", quiet=True, shard=(i, 2))
+    assert sharded["rounding"] == summary["rounding"]

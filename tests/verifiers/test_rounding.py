@@ -13,7 +13,7 @@ from tests.verifiers.nets import op_net
 from verifiers.bounds import box_bounds, margin_lower_bound
 from verifiers.radius import certified_radius
 from verifiers.rounding import RTOL, certified_margin, certified_slack, float64_copy, logit_scale
-from verifiers.verify import Status, verify_methods
+from verifiers.verify import Status, cascade, verify_methods
 from verifiers.vnn import check_property
 from verifiers.vnnlib import Clause, Property
 
@@ -62,10 +62,24 @@ def test_float32_margins_that_only_rounding_makes_positive_are_not_certificates(
     assert counts == {"rechecked": len(x), "rejected": len(x)}
 
 
-def test_verify_certifies_none_of_them(fooled):
+def test_verify_certifies_none_of_them_and_reports_the_recheck(fooled):
     net, x, y = fooled
-    results = verify_methods(net, x, y, 0.0, methods=["ibp"])
+    rounding = {}
+    results = verify_methods(net, x, y, 0.0, methods=["ibp"], rounding=rounding)
     assert all(r.status is not Status.CERTIFIED for r in results)
+    assert rounding == {"ibp": {"rechecked": len(x), "rejected": len(x)}}
+
+
+def test_the_cascade_reports_the_recheck_of_each_method_it_ran(fooled):
+    net, x, y = fooled
+    rounding = {}
+    results = cascade(net, x, y, 0.0, methods=["ibp", "crown"], rounding=rounding)
+    assert all(r.status is not Status.CERTIFIED for r in results)
+    # every sample reaches both methods, and each method's float32 margin of every one is rechecked
+    crown = margin_lower_bound(net, x, y, 0.0, method="crown").detach()
+    assert rounding["ibp"] == {"rechecked": len(x), "rejected": len(x)}
+    assert "crown" in rounding  # reached
+    assert rounding["crown"].get("rechecked", 0) == rounding["crown"].get("rejected", 0) == int((crown > 0).sum())
 
 
 def test_radius_certifies_none_of_them(fooled):
