@@ -374,8 +374,14 @@ def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper, conv_mode, 
     lower_parts, upper_parts, order = [], [], []
     for radius in torch.unique(eps_t):
         index = (eps_t == radius).nonzero().flatten()
-        lower, upper = _bound(model, x[index], eps_t[index], norm, method,
-                              None if C is None else C[index], bound_upper, conv_mode, sparse)
+        if model.training:
+            # training-mode batch norm takes the batch's statistics: a subset would be another function,
+            # so the whole batch is bounded at this radius and the rows of this radius kept
+            lower, upper = _bound(model, x, radius.expand(len(x)), norm, method, C, bound_upper, conv_mode, sparse)
+            lower, upper = lower[index], (upper[index] if bound_upper else None)
+        else:
+            lower, upper = _bound(model, x[index], eps_t[index], norm, method,
+                                  None if C is None else C[index], bound_upper, conv_mode, sparse)
         lower_parts.append(lower)
         upper_parts.append(upper)
         order.append(index)

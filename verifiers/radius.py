@@ -37,6 +37,10 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     """
     batch = x.shape[0]
     log = eps_min > 0
+    # A training-mode network (batch norm with the batch's statistics) is a function of the whole batch:
+    # bounding a subset of it bounds a different function. There every probe bounds the whole batch at
+    # per-sample eps (rows not probed at eps 0) and reads the probed rows.
+    whole_batch = model.training
     lower = torch.full((batch,), float(eps_min) if log else 0.0, device=x.device, dtype=x.dtype)
     upper = torch.as_tensor(eps_max, device=x.device, dtype=x.dtype).expand(batch).clone().clamp_min(float(eps_min))
     attacked = torch.zeros(batch, dtype=torch.bool, device=x.device) if attacked is None else attacked.to(x.device)
@@ -44,7 +48,12 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
         tolerance = RTOL * logit_scale(model, x)
 
         def certified(index: torch.Tensor, at) -> torch.Tensor:
-            margin = margin_lower_bound(model, x[index], y[index], at, norm=norm, method=method)
+            if whole_batch:
+                eps = torch.zeros(batch, device=x.device, dtype=x.dtype)
+                eps[index] = at
+                margin = margin_lower_bound(model, x, y, eps, norm=norm, method=method)[index]
+            else:
+                margin = margin_lower_bound(model, x[index], y[index], at, norm=norm, method=method)
             return margin > tolerance[index]
 
         everyone = torch.arange(batch, device=x.device)

@@ -37,6 +37,75 @@ def test_radius_gradient_matches_finite_differences_of_the_certified_radius():
     assert torch.allclose(grad, numeric, rtol=2e-2, atol=1e-4 * numeric.abs().max().item()), (grad, numeric)
 
 
+def _training_mode_setup():
+    """A training-mode network (batch norm with the batch's statistics) and a batch in which one sample
+    is misclassified (radius 0): the rows whose radius the gradient flows through are a subset."""
+    net, x, y = _setup()
+    net.train()
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[0] = (y[0] + 1) % net(x).shape[1]
+    return net, x, y
+
+
+def test_certified_radius_of_a_training_mode_network_is_the_whole_batch_radius():
+    """Each radius is certified, and one bisection step above it is not, for the network the whole batch
+    sees (every row bounded together at its own eps): the bisection must not bound subsets of the batch,
+    whose batch-norm statistics make another network."""
+    from verifiers.bounds import margin_lower_bound
+    from verifiers.rounding import RTOL, logit_scale
+    net, x, y = _training_mode_setup()
+    radius = certified_radius(net, x, y, method="ibp", eps_max=1.0, steps=20)
+    assert radius[0] == 0 and (radius[1:] > 0).all()
+    tolerance = RTOL * logit_scale(net, x)
+    assert (margin_lower_bound(net, x, y, radius, method="ibp")[1:] > tolerance[1:]).all()
+    assert (margin_lower_bound(net, x, y, radius + 2.0 ** -20, method="ibp")[1:] <= tolerance[1:]).all()
+
+
+def test_radius_gradient_of_a_training_mode_network_matches_finite_differences():
+    """The implicit gradient is taken on the network whose radii were measured (the whole batch), not
+    on the certified rows alone."""
+    net, x, y = _training_mode_setup()
+    config = MetricConfig(bound="ibp", clb_form="radius", radius_max=1.0, radius_steps=45, radius_min=0.0)
+    value, _ = metric_clb(net, x, y, config)
+    grad, = torch.autograd.grad(value, net.arch)
+    step = 1e-5
+    numeric = torch.zeros_like(net.arch)
+    with torch.no_grad():
+        for k in range(net.arch.shape[1]):
+            values = []
+            for sign in (1, -1):
+                net.arch[0, k] += sign * step
+                values.append(certified_radius(net, x, y, method="ibp", eps_max=1.0, steps=45).mean().item())
+                net.arch[0, k] -= sign * step
+            numeric[0, k] = (values[0] - values[1]) / (2 * step)
+    assert grad.abs().max() > 0
+    assert torch.allclose(grad, numeric, rtol=2e-2, atol=1e-4 * numeric.abs().max().item()), (grad, numeric)
+
+
+def test_radius_gradient_is_right_in_float32_at_radii_near_one_millionth():
+    """Radii near radius_min (1e-6) are where a search's radius form starts. A linear network's L-inf
+    margin bound is m0 - eps * ||w_0 - w_1||_1, so d radius / d b_0 = 1 / ||w_0 - w_1||_1 (up to the
+    rounding tolerance's 0.1%). The slope dg/d eps is a finite difference: a step of 1e-3 * radius
+    (1e-9) is below float32's pixel spacing (6e-8 at 0.5), so it measured rounding, not the slope."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x = torch.full((1, 1, 4, 4), 0.5)
+    with torch.no_grad():
+        net[1].weight.copy_(torch.randn(2, 16) * 30)
+        net[1].bias.zero_()
+        logits = net(x)[0]
+        l1 = (net[1].weight[0] - net[1].weight[1]).abs().sum().item()
+        # margin = tolerance + 1e-6 * l1: certified up to a radius of about 1e-6
+        net[1].bias[0] = logits[1] - logits[0] + 1e-3 * (1 + logits[1].abs()) + 1e-6 * l1
+    y = torch.tensor([0])
+    config = MetricConfig(bound="ibp", clb_form="radius", radius_max=0.3, radius_steps=30, radius_min=1e-7)
+    value, _ = metric_clb(net, x, y, config)
+    assert 3e-7 < value.item() < 3e-6
+    grad, = torch.autograd.grad(value, net[1].bias)
+    assert grad[0].item() == pytest.approx(1 / l1, rel=2e-2) and grad[1].item() == pytest.approx(-1 / l1, rel=2e-2)
+
+
 def test_the_log_radius_form_has_a_signal_where_linear_bisection_rounds_to_zero():
     """Radii below a linear bisection's first step come out as 0 with no gradient (the search then
     moves the architecture by L_val alone); bisecting in log space from radius_min resolves them."""

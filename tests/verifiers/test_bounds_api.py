@@ -253,3 +253,18 @@ def test_bounds_are_computed_without_tf32_and_the_settings_are_restored(net, x, 
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert seen and all(flags == (False, False) for flags in seen)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_training_mode_per_sample_eps_bounds_the_whole_batch(norm):
+    """A training-mode network is a function of its whole batch (batch norm's statistics). With one eps
+    per sample, each row must be the row of the whole batch bounded at that row's eps (L2 IBP runs one
+    batch per distinct radius: it once bounded each radius' rows alone, another network)."""
+    net = op_net("sep_conv_3x3", 1, seed=3).train()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1, 2, 3])
+    eps = torch.tensor([0.01, 0.02, 0.01, 0.03]) * (1 if norm == "inf" else 10)
+    mixed = margin_lower_bound(net, x, y, eps, norm=norm, method="ibp")
+    for i in range(len(x)):
+        uniform = margin_lower_bound(net, x, y, float(eps[i]), norm=norm, method="ibp")
+        assert mixed[i].item() == pytest.approx(uniform[i].item(), rel=1e-5, abs=1e-5), (i, mixed, uniform)
