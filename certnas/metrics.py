@@ -98,8 +98,8 @@ def radius_objective(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, D
     def margins(eps_inner: torch.Tensor) -> torch.Tensor:
         # the whole batch at per-sample eps (0 outside ``inner``): a training-mode supernet's batch norm
         # takes the batch's statistics, and its radii were found on the whole batch (certified_radius);
-        # bounding the ``inner`` rows alone bounds another function (in a search's trace, one row alone:
-        # a margin bound of -6.8 where the whole batch's was above the tolerance).
+        # bounding the ``inner`` rows alone bounds another function (in a search's trace, one row alone
+        # had a margin bound of -6.8 at a radius the bisection had certified).
         eps = torch.zeros_like(radius).index_put((index,), eps_inner)
         return margin_lower_bound(model, x, y, eps, norm=config.norm, method=config.bound)[index]
 

@@ -34,6 +34,9 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm
     eps_max may be a (B,) tensor, e.g. attack radii (no sound radius exceeds them, so bisecting below
     them loses nothing and resolves finer); ``attacked`` (B,) bool marks samples whose eps_max an attack
     already broke: no bound is computed there (it cannot certify), which saves the costliest probe.
+
+    A model in training mode is bounded as the function of the whole batch it is (its batch norm takes
+    the batch's statistics): every probe bounds all of x, at eps 0 on the rows it does not probe.
     """
     batch = x.shape[0]
     log = eps_min > 0
