@@ -176,3 +176,53 @@ def test_clb_margin_on_the_interval_engine_equals_auto_lirpa_ibp_and_is_sound_ag
     crown = clb_margins(net, x, y, MetricConfig(eps=0.003, norm="inf", bound="crown-ibp")).detach()
     crown_reference = margin_lower_bound(net, x, y, 0.003, norm="inf", method="crown-ibp").detach()
     assert (crown >= ours.detach() - 1e-9).all() and (crown <= crown_reference + 1e-9).all()
+
+
+class _TwoWayEdge(torch.nn.Module):
+    """One edge mixing two operations that compute the same function, x and A^-1 (A x), by softmax(arch),
+    then a fixed linear classifier. IBP bounds A^-1 (A x) twice as wide as x (A = [[1, 1], [1, -1]]), so
+    the first operation is the more certifiable one while the clean function ignores the mixture."""
+
+    def __init__(self):
+        super().__init__()
+        self.arch = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        self.encode = torch.nn.Linear(2, 2, bias=False).double()
+        self.decode = torch.nn.Linear(2, 2, bias=False).double()
+        self.head = torch.nn.Linear(2, 3).double()
+        with torch.no_grad():
+            self.encode.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+            self.decode.weight.copy_(torch.linalg.inv(self.encode.weight))
+            self.head.weight.copy_(torch.tensor([[2.0, -1.0], [-1.0, 2.0], [-1.0, -1.0]]))
+            self.head.bias.copy_(torch.tensor([0.0, 0.0, 1.5]))
+        for module in (self.encode, self.decode, self.head):
+            module.requires_grad_(False)
+
+    def forward(self, x):
+        w = torch.softmax(self.arch, 0)
+        return self.head(w[0] * x + w[1] * self.decode(self.encode(x)))
+
+
+def test_clb_search_moves_weight_onto_the_more_certifiable_operation():
+    """The CLB signal has a direction: L_val's architecture gradient is zero (both operations are the same
+    function), and maximising the IBP margin bound alone moves the mixture onto the operation with the
+    narrower intervals."""
+    torch.manual_seed(0)
+    net = _TwoWayEdge()
+    x = torch.rand(64, 2, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    assert len(set(y.tolist())) > 1
+    loss_grad = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), net.arch)[0]
+    assert loss_grad.abs().max() < 1e-12  # the clean objective cannot choose
+    config = MetricConfig(eps=0.05, norm="inf", bound="ibp")
+    optimiser = torch.optim.Adam([net.arch], lr=0.1)
+    start, _ = metric_clb(net, x, y, config)
+    for _ in range(30):
+        optimiser.zero_grad()
+        value, _ = metric_clb(net, x, y, config)
+        (-value).backward()
+        optimiser.step()
+    end, _ = metric_clb(net, x, y, config)
+    weights = torch.softmax(net.arch.detach(), 0)
+    assert weights[0] > 0.9, weights
+    assert end.item() > start.item()
