@@ -50,11 +50,24 @@ def source_commit(directory: Path) -> str:
 SOURCE_COMMIT = source_commit(Path(__file__).parent)
 
 
-def environment() -> Dict[str, str]:
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows. Timings, and ratios of
+    timings, are only comparable on one CPU (README, Benchmarks)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> Dict[str, Any]:
     from verifiers.lirpa import AUTO_LIRPA_VERSION
     return {"certnas": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "auto_LiRPA": AUTO_LIRPA_VERSION, "git_commit": SOURCE_COMMIT,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def write_history(path: Path, rows: List[Dict[str, Any]]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -116,10 +116,15 @@ def radius_objective(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, D
     return implicit.mean(), details
 
 
-def input_gradient_norms(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, dual: float) -> torch.Tensor:
-    """(B, len(classes)) q-norms of d logit_k / d x, with a graph for double backprop."""
+def input_gradient_norms(model: nn.Module, x: torch.Tensor,
+                         classes: Union[torch.Tensor, Callable[[int], torch.Tensor]], dual: float) -> torch.Tensor:
+    """(B, len(classes)) q-norms of d logit_k / d x, with a graph for double backprop. ``classes``: the
+    class indices, or a function of the number of classes returning them (called after the forward pass,
+    which tells it the number without a pass of its own)."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
+    if callable(classes):
+        classes = classes(logits.shape[1])
     norms = []
     for k in classes.tolist():
         grad, = torch.autograd.grad(logits[:, k].sum(), x, create_graph=True)
@@ -133,13 +138,12 @@ def metric_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: 
     (an unbiased estimate at M backward passes instead of K)."""
     norm = parse_norm(config.norm)
     dual = 1.0 if norm == math.inf else 2.0
-    with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    if config.jacobian_projections and config.jacobian_projections < num_classes:
-        classes = torch.randperm(num_classes)[:config.jacobian_projections]
-    else:
-        classes = torch.arange(num_classes)
-    norms = input_gradient_norms(model, x, classes, dual)
+
+    def choose(num_classes: int) -> torch.Tensor:
+        if config.jacobian_projections and config.jacobian_projections < num_classes:
+            return torch.randperm(num_classes)[:config.jacobian_projections]
+        return torch.arange(num_classes)
+    norms = input_gradient_norms(model, x, choose, dual)
     value = -config.eps * norms.mean()
     return value, {"jacobian_norm": norms.mean().item(), "jacobian_term": value.item()}
 

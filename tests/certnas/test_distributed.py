@@ -97,13 +97,13 @@ def _history(path):
     return list(csv.DictReader(open(path)))
 
 
-def _assert_same_history(one, two, skip=("seconds", "genotype")):
+def _assert_same_history(one, two, skip=("seconds", "genotype"), rel=1e-4):
     assert len(one) == len(two)
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for key in a:
             if key not in skip and (a[key] or b[key]):  # (empty: a column of later epochs only)
-                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=rel, abs=1e-6), key
 
 
 TRAIN = ["train", "--mode", "ibp", "--layers", "2", "--init-channels", "4", "--epochs", "2", "--warmup-epochs", "1",
@@ -134,10 +134,15 @@ def test_two_gloo_processes_search_the_same_architecture_weights_as_one(tmp_path
     two = _torchrun(2, SEARCH + ["--out", str(tmp_path / "two")])
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    # weights and architecture weights (and optimiser states) of the supernet
+    # weights and architecture weights (and optimiser states) of the supernet, equal up to rounding: the
+    # all-reduced gradients round differently from one process's, and Adam at lr 0.1 amplifies that in the
+    # architecture weights (measured on 2026-12-05's host: 1.6e-3 after the 8 steps, R equal to 2e-5
+    # relative, the same genotype; 1e-4 had held on earlier hosts). A missing reduction or a wrong shard
+    # weight moves them by the order of a step, 0.1.
     _assert_close_state(_tensors(tmp_path / "one" / "checkpoint.pt")["model"],
-                        _tensors(tmp_path / "two" / "checkpoint.pt")["model"])
-    _assert_same_history(_history(tmp_path / "one" / "history.csv"), _history(tmp_path / "two" / "history.csv"))
+                        _tensors(tmp_path / "two" / "checkpoint.pt")["model"], rtol=1e-3, atol=1e-2)
+    _assert_same_history(_history(tmp_path / "one" / "history.csv"), _history(tmp_path / "two" / "history.csv"),
+                         rel=1e-3)
     first, second = (json.loads((tmp_path / name / "genotype.json").read_text()) for name in ("one", "two"))
     assert first["normal"] == second["normal"] and first["reduce"] == second["reduce"]
 

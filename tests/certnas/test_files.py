@@ -1,4 +1,5 @@
 """The environment record of result files: which code produced them."""
+import os
 import shutil
 import subprocess
 
@@ -37,3 +38,12 @@ def test_the_environment_records_the_commit_read_at_import_not_at_writing(monkey
 
     monkeypatch.setattr(files.subprocess, "run", no_git)
     assert files.environment()["git_commit"] == files.SOURCE_COMMIT
+
+
+def test_the_environment_names_the_cpu_and_the_thread_count(monkeypatch):
+    """Every timing is only comparable on one CPU at one thread count: both are in the record."""
+    record = files.environment()
+    assert record["cpu"] == files.cpu_model() and record["cpu"]
+    assert record["cpu_count"] == os.cpu_count()
+    monkeypatch.setattr(files.torch, "get_num_threads", lambda: 3)
+    assert files.environment()["torch_threads"] == 3

@@ -226,3 +226,21 @@ def test_clb_search_moves_weight_onto_the_more_certifiable_operation():
     weights = torch.softmax(net.arch.detach(), 0)
     assert weights[0] > 0.9, weights
     assert end.item() > start.item()
+
+
+def test_jacobian_term_runs_the_model_once_and_draws_its_classes_from_the_output():
+    """One forward pass (the one differentiated twice): the number of classes comes from its logits, not
+    from a pass of its own (which cost a search step about 5% and moved batch-norm statistics)."""
+    net, x, y = _setup()
+    calls = []
+    handle = net.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    try:
+        torch.manual_seed(0)
+        value, _ = metric_jacobian(net, x, y, MetricConfig(eps=1.0, norm="2", jacobian_projections=2))
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([len(x), 5])]
+    torch.manual_seed(0)
+    classes = torch.randperm(5)[:2]  # the draw the term makes with the same seed
+    expected = input_gradient_norms(net, x, classes, 2.0).mean().item()
+    assert -value.item() == pytest.approx(expected, rel=1e-9)
