@@ -70,13 +70,14 @@ def main(argv=None) -> dict:
     medians = interleaved_medians(tasks, args.repeats, args.warmup, sync)
     rows = [{"metric": name, "seconds": round(t, 4), "ratio": round(t / medians["none"], 2), "target": TARGETS.get(name)}
             for name, t in medians.items()]
+    env = environment()
     print(f"search step: {args.layers} cells, {args.init_channels} channels, batch {args.batch_size}, "
-          f"R on {args.metric_samples or args.batch_size} samples, device {device} ({environment()['cpu']}), "
+          f"R on {args.metric_samples or args.batch_size} samples, device {device} ({env['cpu']}), "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats (median)")
     print_table(rows, [("metric", "metric", ""), ("seconds", "seconds", ".3f"), ("ratio", "x none", ".2f"),
                        ("target", "target", "g")])
     write_json(args.out, {"benchmark": "bench_search", "settings": {k: str(v) for k, v in vars(args).items()},
-                          "rows": rows, "environment": environment()})
+                          "rows": rows, "environment": env})
     return {"rows": rows}
 
 

@@ -143,9 +143,9 @@ def metric_jacobian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: 
         if config.jacobian_projections and config.jacobian_projections < num_classes:
             return torch.randperm(num_classes)[:config.jacobian_projections]
         return torch.arange(num_classes)
-    norms = input_gradient_norms(model, x, choose, dual)
-    value = -config.eps * norms.mean()
-    return value, {"jacobian_norm": norms.mean().item(), "jacobian_term": value.item()}
+    mean_norm = input_gradient_norms(model, x, choose, dual).mean()
+    value = -config.eps * mean_norm
+    return value, {"jacobian_norm": mean_norm.item(), "jacobian_term": value.item()}
 
 
 def metric_combined(model, x, y, config: MetricConfig) -> Tuple[torch.Tensor, Details]:
