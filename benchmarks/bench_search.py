@@ -9,6 +9,8 @@ Targets (issue 13): the default CLB step (IBP bound, IBP certified weight steps)
 CROWN-IBP bound is held to the same 3x. Each variant's weight step is the one its settings resolve to
 (``--weight-mode auto``: IBP certified steps, at the full eps, for clb and combined). The JSON names the
 CPU and the thread count (``environment``): ratios are only comparable on one CPU (README, Benchmarks).
+The "unfused convolutions" row runs the default CLB step with ``verifiers.interval.FUSE_LIMIT = 0`` (value,
+centre and radius of every convolution as three calls, the engine before fusion) to show what fusion buys.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ import torch
 from benchmarks.common import environment, interleaved_medians, print_table, write_json
 from certnas.data import INFO
 from certnas.search import Searcher, SearchConfig
+from verifiers import interval
 
 VARIANTS = {
     "none": {"term": "none"},
     "none, ibp weight step": {"term": "none", "weight_mode": "ibp"},
     "clb ibp (default)": {"term": "clb", "bound": "ibp"},
+    "clb ibp, unfused convolutions": {"term": "clb", "bound": "ibp"},
     "clb crown-ibp": {"term": "clb", "bound": "crown-ibp"},
     "jacobian exact": {"term": "jacobian", "jacobian_projections": 0},
     "jacobian M=1 (default)": {"term": "jacobian", "jacobian_projections": 1},
@@ -62,9 +66,15 @@ def main(argv=None) -> dict:
         # certified weight modes step at the full eps (the ramp's end); standard ones take the clean loss
         plan = {"eps": base.eps, "kappa": 0.0, "beta": 0.0, "progress": 1.0}
 
-        def step(searcher=searcher, plan=plan):
-            searcher.arch_step(x, y, x, y)
-            searcher.weight_step(x, y, plan)
+        limit = 0 if "unfused" in name else interval.FUSE_LIMIT
+
+        def step(searcher=searcher, plan=plan, limit=limit):
+            saved, interval.FUSE_LIMIT = interval.FUSE_LIMIT, limit
+            try:
+                searcher.arch_step(x, y, x, y)
+                searcher.weight_step(x, y, plan)
+            finally:
+                interval.FUSE_LIMIT = saved
         tasks[name] = step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     medians = interleaved_medians(tasks, args.repeats, args.warmup, sync)

@@ -105,8 +105,10 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
 # Settings added to a config class after runs were saved, with the value those runs had (where it is not
 # today's default): a model trained before ``head_grid`` existed has DARTS' global average pooling.
 # SearchConfig.radius_min (added with the log-space radius form): no committed stage searched with the
-# radius form, so every earlier search keeps its key at today's value.
-FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "SearchConfig": {"radius_min": 1e-6}}
+# radius form, so every earlier search keeps its key at today's value. SearchConfig.a_lr_schedule / a_lr_min:
+# every search before them kept the architecture learning rate constant.
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1},
+                       "SearchConfig": {"radius_min": 1e-6, "a_lr_schedule": "constant", "a_lr_min": 0.0}}
 
 
 def upgrade_saved(cls: Type[Any], saved: Mapping[str, Any]) -> dict:

@@ -47,6 +47,7 @@ def split_metric(metric: str) -> Tuple[str, str]:
         return "none", metric
     raise ConfigError(f"unknown metric {metric!r}; known: {', '.join(SEARCH_METRICS)}")
 WEIGHT_MODES = ("auto", "standard", "ibp", "crown-ibp")  # certnas.cli lists the same
+A_LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class SearchConfig:
     with the darts strategy (a margin bound of an untrained supernet is -1e14 and says nothing), standard otherwise.
     ``w_optimizer`` / ``w_lr``: ``auto`` / None follow the weight mode (Adam 3e-3 certified, SGD 0.025).
     ``arch_start_epoch``: architecture steps begin in this (0-based) epoch (PC-DARTS waits some epochs).
+    ``a_lr_schedule``: cosine (default) decays the architecture learning rate per step from ``a_lr`` to
+    ``a_lr_min`` over the architecture steps, so the genotype settles at the end (README, "Why the search
+    defaults"); constant keeps ``a_lr`` (every search before 2026-12-05).
     ``metric_follows_ramp``: with a certified weight mode, R is measured at the weight step's current eps
     (0 in the warm-up: the clean margin; then the ramp's eps: the bound the weights are being trained to
     tighten; ``eps`` after the ramp) instead of at ``eps`` throughout, where the bound of a supernet not
@@ -118,7 +122,10 @@ class SearchConfig:
     w_momentum: float = 0.9
     w_weight_decay: float = 3e-4
     grad_clip: float = 5.0
-    a_lr: float = setting(0.1, "Adam learning rate of the architecture weights.")
+    a_lr: float = setting(0.2, "Adam learning rate of the architecture weights.")
+    a_lr_schedule: str = setting("cosine", "Architecture learning rate over the search: cosine (decays per "
+                                 "architecture step from --a-lr to --a-lr-min) or constant.", choices=A_LR_SCHEDULES)
+    a_lr_min: float = setting(0.0, "Final architecture learning rate of --a-lr-schedule cosine.")
     arch_start_epoch: int = setting(0, "Epoch (0-based) of the first architecture step.")
     metric_follows_ramp: bool = setting(True, "With certified weight steps, measure R at their current eps (0 in the "
                                               "warm-up, then the ramp's) or always at --eps.",
@@ -153,6 +160,10 @@ class SearchConfig:
             raise ConfigError(f"the {self.strategy} strategy has its own weight step; use --weight-mode standard")
         if (self.weight_eps or 0) < 0 or self.warmup_epochs < 0 or (self.ramp_epochs or 0) < 0:
             raise ConfigError("weight_eps, warmup_epochs and ramp_epochs must be >= 0")
+        if self.a_lr_schedule not in A_LR_SCHEDULES:
+            raise ConfigError(f"unknown a_lr_schedule {self.a_lr_schedule!r}; known: {', '.join(A_LR_SCHEDULES)}")
+        if not 0 <= self.a_lr_min <= self.a_lr:
+            raise ConfigError(f"a_lr_min must be in [0, a_lr = {self.a_lr}], got {self.a_lr_min}")
         if not 0 <= self.arch_start_epoch < self.epochs:
             raise ConfigError(f"architecture steps would start in epoch {self.arch_start_epoch + 1} of {self.epochs}: "
                               "use more --epochs or a smaller --arch-start-epoch")
@@ -204,7 +215,9 @@ def build_supernet(config: SearchConfig, info) -> SearchNetwork:
 class Searcher:
     """Holds the supernet, optimisers and step functions of one search."""
 
-    def __init__(self, config: SearchConfig, info, world: World = World()):
+    def __init__(self, config: SearchConfig, info, world: World = World(), arch_steps: int = 0):
+        """``arch_steps``: how many architecture steps the search makes (the length of a cosine
+        ``a_lr_schedule``; 0 leaves the architecture learning rate constant)."""
         self.config = config
         self.world = world
         self.device = torch.device(config.device)
@@ -228,6 +241,8 @@ class Searcher:
         self.a_opt = torch.optim.Adam(self.net.searched_arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
                                       weight_decay=config.a_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, config.epochs, eta_min=config.w_lr_min)
+        self.a_scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.a_opt, arch_steps, eta_min=config.a_lr_min)
+                            if config.a_lr_schedule == "cosine" and arch_steps > 0 else None)
         self.metric_name = config.term
         self.metric_config = config.metric_config()
 
@@ -277,6 +292,8 @@ class Searcher:
         for p in self.net.weight_parameters():
             p.grad = None
         self.a_opt.step()
+        if self.a_scheduler is not None:
+            self.a_scheduler.step()
         return details
 
     def _unrolled_arch_gradient(self, x_val, y_val, x_train, y_train, eps: Optional[float] = None) -> Dict[str, float]:
@@ -374,11 +391,11 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
     if config.batch_size < world.size:
         raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world.size} ranks")
     out, splits = start_run(config, out, resume=resume, force=force, world=world)
-    searcher = Searcher(config, splits.info, world)
     train_count = min(len(splits.train), config.train_limit or len(splits.train))
     batches = math.ceil(train_count / config.batch_size)
-    device = searcher.device
     arch_start = config.arch_start_epoch
+    searcher = Searcher(config, splits.info, world, arch_steps=(config.epochs - arch_start) * batches)
+    device = searcher.device
     follow_ramp = config.metric_follows_ramp and searcher.weight_config.certified
 
     def epoch_fn(epoch: int, progress) -> Dict[str, float]:
@@ -416,12 +433,15 @@ def search(config: SearchConfig, out: Path, *, resume: bool = False, force: bool
                 for name, value in zip(searcher.net.primitives, mean_weight.tolist()):
                     means[f"w_{cell}_{name}"] = round(value, 6)
         means["lr"] = searcher.w_opt.param_groups[0]["lr"]
+        means["a_lr"] = round(searcher.a_opt.param_groups[0]["lr"], 8)  # after the epoch's last architecture step
         return means
 
     def after_epoch(epoch, row):
         row["genotype"] = searcher.net.genotype().to_json()
 
     state = {"model": searcher.net, "w_opt": searcher.w_opt, "a_opt": searcher.a_opt, "scheduler": searcher.scheduler}
+    if searcher.a_scheduler is not None:  # only then: checkpoints of constant-rate searches keep their keys
+        state["a_scheduler"] = searcher.a_scheduler
     history = run_epochs(out=out, epochs=config.epochs, state=state, resume=resume, epoch_fn=epoch_fn,
                          batches_per_epoch=batches, after_epoch=after_epoch, description="search", quiet=quiet,
                          world=world)

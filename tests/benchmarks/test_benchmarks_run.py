@@ -23,7 +23,7 @@ def test_bench_search_writes_a_record(tmp_path):
     bench_search.main(["--layers", "2", "--init-channels", "4", "--batch-size", "4", "--metric-samples", "2",
                        "--repeats", "1", "--warmup", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 7
+    assert rows[0]["metric"] == "none" and rows[0]["ratio"] == 1.0 and len(rows) == 8
 
 
 @pytest.mark.slow

@@ -106,7 +106,10 @@ def test_the_paper_protocol_still_runs_the_searches_of_the_committed_tables():
         before = SearchConfig.upgrade(saved)
         differ = {k for k in set(today) | set(before) if today.get(k) != before.get(k)} - {"device", "data_root"}
         assert today["clb_form"] == "margin"  # radius_min is a setting of the radius form only
-        assert differ <= _INERT_WITH_STANDARD_WEIGHTS | set(_EARLIER_BEHAVIOUR) | {"radius_min"}, (row, differ)
+        # settings added since, at the value every earlier search had (a_lr_min: unused at a constant rate)
+        assert today["a_lr_schedule"] == "constant", row
+        added = {"radius_min", "a_lr_schedule", "a_lr_min"}
+        assert differ <= _INERT_WITH_STANDARD_WEIGHTS | set(_EARLIER_BEHAVIOUR) | added, (row, differ)
         assert {k: today[k] for k in _EARLIER_BEHAVIOUR} == _EARLIER_BEHAVIOUR, row
         weights = config.weight_training()
         assert (weights.mode, weights.optimizer, weights.lr) == ("standard", "sgd", before["w_lr"]), row

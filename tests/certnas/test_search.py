@@ -66,6 +66,36 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, monkey
     assert resumed["normal"] == reference["normal"] and resumed["reduce"] == reference["reduce"]
 
 
+def test_cosine_architecture_rate_decays_to_its_minimum_and_resumes_exactly(tmp_path, monkeypatch):
+    """--a-lr-schedule cosine: the rate falls per architecture step from a_lr to a_lr_min (half-way at the
+    middle of the architecture steps), its state is checkpointed, and it changes the search (constant differs)."""
+    config = replace(TINY, a_lr=0.1, a_lr_schedule="cosine", a_lr_min=0.01, epochs=3, arch_start_epoch=1)
+    reference = search(config, tmp_path / "full", quiet=True)
+    rows = list(csv.DictReader(open(tmp_path / "full" / "history.csv")))
+    rates = [float(r["a_lr"]) for r in rows]
+    assert rates[0] == pytest.approx(0.1)  # no architecture step in epoch 1
+    assert rates[1] == pytest.approx(0.01 + 0.5 * (0.1 - 0.01))  # 2 of 4 architecture steps made
+    assert rates[2] == pytest.approx(0.01)
+    constant = search(replace(config, a_lr_schedule="constant"), tmp_path / "constant", quiet=True)
+    assert constant["arch_weights"] != reference["arch_weights"]
+    assert {float(r["a_lr"]) for r in csv.DictReader(open(tmp_path / "constant" / "history.csv"))} == {0.1}
+    calls = {"n": 0}
+    original = search_module.Searcher.weight_step
+
+    def crash_in_third_epoch(self, x, y, plan=None, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 3, first batch: after two checkpoints, one architecture step in
+            raise KeyboardInterrupt
+        return original(self, x, y, plan, *args)
+
+    monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        search(config, tmp_path / "cut", quiet=True)
+    monkeypatch.setattr(search_module.Searcher, "weight_step", original)
+    resumed = search(config, tmp_path / "cut", resume=True, quiet=True)
+    assert resumed["arch_weights"] == reference["arch_weights"]
+
+
 def test_non_empty_output_is_refused_without_resume_or_force(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
@@ -111,7 +141,9 @@ def test_architecture_weights_move_with_the_metric(tmp_path):
                                             ({"strategy": "pgd", "weight_mode": "ibp"}, "own weight step"),
                                             ({"weight_mode": "pgd"}, "unknown weight mode"),
                                             ({"layers": 3}, "stride-2 pooling needs even sizes"),
-                                            ({"arch_start_epoch": 2}, "architecture steps would start in epoch 3 of 2")])
+                                            ({"arch_start_epoch": 2}, "architecture steps would start in epoch 3 of 2"),
+                                            ({"a_lr_schedule": "step"}, "unknown a_lr_schedule"),
+                                            ({"a_lr_min": 0.3}, "a_lr_min must be in")])
 def test_invalid_settings_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         search(replace(TINY, **change), tmp_path / "run", quiet=True)

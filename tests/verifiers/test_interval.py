@@ -138,3 +138,43 @@ def test_per_sample_eps_matches_one_sample_at_a_time():
     with torch.no_grad():  # eps 0: the bounds are the clean margins
         logits = net(x[:1])
     assert torch.allclose(together.ibp[0], logits[0, 1] - logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
+def test_fused_and_three_convolution_forms_give_the_same_bounds_and_gradients(op, stride, monkeypatch):
+    """Small convolutions run value, centre and radius as one grouped convolution (FUSE_LIMIT); the tests
+    above check that form (their nets are small) and this one the equality of both forms, gradients included."""
+    import verifiers.interval as interval
+    net = op_net(op, stride, seed=stride).double()
+    x, y = _inputs().double(), torch.tensor([0, 3])
+    params = [p for p in net.parameters() if p.requires_grad]
+    results = []
+    for limit in (10 ** 9, 0):  # every convolution fused; none
+        monkeypatch.setattr(interval, "FUSE_LIMIT", limit)
+        bounds = interval_margins(net, x, y, EPS, crown_ibp=True)
+        total = bounds.ibp.sum() + bounds.crown_ibp.sum() + bounds.logits.sum()
+        results.append((bounds.ibp.detach(), bounds.crown_ibp.detach(), torch.autograd.grad(total, params)))
+    (ibp_a, crown_a, grads_a), (ibp_b, crown_b, grads_b) = results
+    assert _relative(ibp_a, ibp_b) < 1e-10 and _relative(crown_a, crown_b) < 1e-10
+    assert all(_relative(a, b) < 1e-10 for a, b in zip(grads_a, grads_b))
+
+
+def test_small_convolutions_are_fused_and_large_ones_are_not(monkeypatch):
+    import types
+    import verifiers.interval as interval
+    calls = []
+
+    def conv2d(*args, **kwargs):
+        calls.append(args[0].shape[1])  # input channels of each call
+        return F.conv2d(*args, **kwargs)
+    monkeypatch.setattr(interval, "F", types.SimpleNamespace(conv2d=conv2d))
+    weight, bias = torch.randn(8, 4, 3, 3), torch.randn(8)
+    for batch, expected in ((16, [12]), (17, [4, 4, 4])):  # 16 x 8 = 128 = FUSE_LIMIT: one call on 3 x 4 channels
+        calls.clear()
+        box = interval.Interval.from_ball(torch.rand(batch, 4, 5, 5), 0.1)
+        out = interval._conv2d(box, weight, bias, 1, 1)
+        assert calls == expected
+        assert torch.allclose(out.value, F.conv2d(box.value, weight, bias, 1, 1), atol=1e-6)
+        assert torch.allclose(out.center, F.conv2d(box.center, weight, bias, 1, 1), atol=1e-6)
+        assert torch.allclose(out.radius, F.conv2d(box.radius, weight.abs(), None, 1, 1), atol=1e-6)
