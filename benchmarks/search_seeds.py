@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 from benchmarks.common import environment, write_json
 from certnas.config import ConfigError, from_dict
 from certnas.files import atomic_write_text
+from certnas.runs import check_same_config
 from certnas.search import SearchConfig, search
 
 ENTROPY_SHARE = 0.75  # of ln(number of operations)
@@ -101,9 +102,14 @@ def main(argv=None) -> Dict[str, Any]:
     slug = re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in label)).strip("-") or "run"
     records = []
     for seed in seeds:
-        folder = args.work / f"{slug}-s{seed}"
+        folder, config = args.work / f"{slug}-s{seed}", replace(base, seed=seed)
+        try:
+            check_same_config(folder, config)  # a folder of this label made with other settings is not reused
+        except ConfigError as error:
+            parser.exit(2, f"search_seeds: {folder} holds a run with other settings ({str(error).split('(')[-1]}; "
+                           "give another --label or --work\n")
         if not (folder / "genotype.json").is_file():
-            search(replace(base, seed=seed), folder, resume=(folder / "checkpoint.pt").is_file(), quiet=args.quiet)
+            search(config, folder, resume=(folder / "checkpoint.pt").is_file(), quiet=args.quiet)
         records.append({"label": label, "seed": seed, "settings": changes, **read_run(folder)})
         print(markdown(records[-1:]).splitlines()[-1])
     kept = []

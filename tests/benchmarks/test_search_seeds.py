@@ -54,6 +54,9 @@ def test_tiny_run_writes_records_and_a_table_and_keeps_other_labels(tmp_path):
     assert all(r["edges"] == {"normal": 4} for r in records)  # a 2-node cell keeps 4 edges
     assert records[0]["entropy_per_epoch"] != records[1]["entropy_per_epoch"]
     assert out.with_suffix(".md").read_text().count("| tiny") == 3
+    with pytest.raises(SystemExit) as exit:  # the label's folders hold runs of other settings
+        search_seeds.main(["--seeds", "0", "--label", "tiny", "--set", "gamma=0.5"] + tiny)
+    assert exit.value.code == 2
 
 
 def test_bad_settings_exit_with_code_2(tmp_path, capsys):
