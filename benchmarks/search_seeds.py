@@ -7,7 +7,7 @@ Per run, from its history.csv: the last epoch's mean margin bound (criterion: fi
 share of validation samples it certifies, the final architecture entropy (criterion: <= 75% of ln 8) and,
 per searched cell type, how many of the cell's edges the genotypes of the last two epochs share
 (criterion: >= 6 of 8). Runs live in ``--work``/<label>-s<seed>: a finished one is read again, an
-interrupted one resumes. Records replace those of the same label and seed in ``--out`` (JSON), and a
+interrupted one resumes, one made with other settings is refused (exit 2). Records replace those of the same label and seed in ``--out`` (JSON), and a
 Markdown table beside it lists every record.
 """
 from __future__ import annotations
