@@ -7,8 +7,8 @@ Per run, from its history.csv: the last epoch's mean margin bound (criterion: fi
 share of validation samples it certifies, the final architecture entropy (criterion: <= 75% of ln 8) and,
 per searched cell type, how many of the cell's edges the genotypes of the last two epochs share
 (criterion: >= 6 of 8). Runs live in ``--work``/<label>-s<seed>: a finished one is read again, an
-interrupted one resumes, one made with other settings is refused (exit 2). Records replace those of the same label and seed in ``--out`` (JSON), and a
-Markdown table beside it lists every record.
+interrupted one resumes, one made with other settings is refused (exit 2). Records replace those of the
+same label and seed in ``--out`` (JSON), and a Markdown table beside it lists every record.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 from benchmarks.common import environment, write_json
 from certnas.config import ConfigError, from_dict
 from certnas.files import atomic_write_text
-from certnas.runs import check_same_config
+from certnas.runs import changed_settings
 from certnas.search import SearchConfig, search
 
 ENTROPY_SHARE = 0.75  # of ln(number of operations)
@@ -103,10 +103,9 @@ def main(argv=None) -> Dict[str, Any]:
     records = []
     for seed in seeds:
         folder, config = args.work / f"{slug}-s{seed}", replace(base, seed=seed)
-        try:
-            check_same_config(folder, config)  # a folder of this label made with other settings is not reused
-        except ConfigError as error:
-            parser.exit(2, f"search_seeds: {folder} holds a run with other settings ({str(error).split('(')[-1]}; "
+        changed = changed_settings(folder, config)  # a folder of this label made with other settings is not reused
+        if changed:
+            parser.exit(2, f"search_seeds: {folder} holds a run with other settings ({', '.join(changed)}); "
                            "give another --label or --work\n")
         if not (folder / "genotype.json").is_file():
             search(config, folder, resume=(folder / "checkpoint.pt").is_file(), quiet=args.quiet)

@@ -45,19 +45,25 @@ def prepare_run_folder(out: Path, *, resume: bool, force: bool) -> Path:
     return out
 
 
+def changed_settings(out: Path, config: Any) -> List[str]:
+    """The names of the settings in which ``config`` differs from ``out/config.json`` (none: no saved settings)."""
+    from dataclasses import asdict
+    from certnas.config import upgrade_saved
+    path = Path(out) / "config.json"
+    if not (path.is_file() and path.read_text().strip()):
+        return []
+    saved = json.loads(json.dumps(upgrade_saved(type(config), json.loads(path.read_text())), default=str))
+    current = json.loads(json.dumps(asdict(config), default=str))
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
 def check_same_config(out: Path, config: Any) -> None:
     """--resume must continue with the settings saved in ``out/config.json``."""
-    from dataclasses import asdict
     from certnas.config import ConfigError
-    path = Path(out) / "config.json"
-    saved = json.loads(path.read_text()) if path.is_file() and path.read_text().strip() else None
-    if saved is not None:
-        from certnas.config import upgrade_saved
-        saved = json.loads(json.dumps(upgrade_saved(type(config), saved), default=str))
-    if saved is not None and saved != json.loads(json.dumps(asdict(config), default=str)):
-        changed = sorted(k for k in set(saved) | set(asdict(config))
-                         if saved.get(k) != json.loads(json.dumps(asdict(config), default=str)).get(k))
-        raise ConfigError(f"--resume: the settings differ from those saved in {path} ({', '.join(changed)})")
+    changed = changed_settings(out, config)
+    if changed:
+        raise ConfigError(f"--resume: the settings differ from those saved in {Path(out) / 'config.json'} "
+                          f"({', '.join(changed)})")
 
 
 def start_run(config: Any, out: Path, *, resume: bool, force: bool, world: World = World()):

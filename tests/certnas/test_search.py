@@ -11,6 +11,7 @@ from certnas.io import load_file
 from certnas.runs import RunFolderError
 from certnas.search import SearchConfig, search
 from certnas.space.genotype import Genotype
+from tests.interrupt import run_interrupted
 
 TINY = SearchConfig(layers=2, init_channels=4, steps=2, multiplier=2, batch_size=8, train_limit=16, val_limit=16, epochs=2,
                     metric_samples=4, bound="ibp", term="clb")  # weight steps: 1 clean epoch, then IBP
@@ -47,19 +48,9 @@ def test_same_seed_gives_the_same_architecture_weights(tmp_path):
 
 def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     reference = search(TINY, tmp_path / "full", quiet=True)
-    calls = {"n": 0}
-    original = search_module.Searcher.weight_step
-
-    def crash_in_second_epoch(self, x, y, plan=None, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2, first batch: after one checkpoint
-            raise KeyboardInterrupt
-        return original(self, x, y, plan, *args)
-
-    monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        search(TINY, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(search_module.Searcher, "weight_step", original)
+    # the third weight step: epoch 2, first batch, after one checkpoint
+    run_interrupted(monkeypatch, search_module.Searcher, "weight_step", 3,
+                    lambda: search(TINY, tmp_path / "cut", quiet=True))
     assert not (tmp_path / "cut" / "genotype.json").exists()
     resumed = search(TINY, tmp_path / "cut", resume=True, quiet=True)
     assert resumed["arch_weights"] == reference["arch_weights"]
@@ -79,19 +70,9 @@ def test_cosine_architecture_rate_decays_to_its_minimum_and_resumes_exactly(tmp_
     constant = search(replace(config, a_lr_schedule="constant"), tmp_path / "constant", quiet=True)
     assert constant["arch_weights"] != reference["arch_weights"]
     assert {float(r["a_lr"]) for r in csv.DictReader(open(tmp_path / "constant" / "history.csv"))} == {0.1}
-    calls = {"n": 0}
-    original = search_module.Searcher.weight_step
-
-    def crash_in_third_epoch(self, x, y, plan=None, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 3, first batch: after two checkpoints, one architecture step in
-            raise KeyboardInterrupt
-        return original(self, x, y, plan, *args)
-
-    monkeypatch.setattr(search_module.Searcher, "weight_step", crash_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        search(config, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(search_module.Searcher, "weight_step", original)
+    # the fifth weight step: epoch 3, first batch, after two checkpoints and one architecture step in it
+    run_interrupted(monkeypatch, search_module.Searcher, "weight_step", 5,
+                    lambda: search(config, tmp_path / "cut", quiet=True))
     resumed = search(config, tmp_path / "cut", resume=True, quiet=True)
     assert resumed["arch_weights"] == reference["arch_weights"]
 

@@ -13,6 +13,7 @@ from certnas.search import search
 from certnas.space.genotype import GenotypeError
 from certnas.train import TrainConfig, schedule, train
 from tests.certnas.test_search import TINY as TINY_SEARCH
+from tests.interrupt import run_interrupted
 from verifiers.bounds import margin_lower_bound
 
 TINY = TrainConfig(layers=3, stem="cifar", init_channels=4, batch_size=16, train_limit=32, eval_limit=40, epochs=2,
@@ -56,19 +57,7 @@ def test_schedule_warms_up_then_ramps_linearly():
 def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     config = replace(TINY, mode="ibp")
     train(config, tmp_path / "full", quiet=True)
-    calls = {"n": 0}
-    original = train_module.Trainer.step
-
-    def crash_in_second_epoch(self, x, y, plan, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, x, y, plan, *args)
-
-    monkeypatch.setattr(train_module.Trainer, "step", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(train_module.Trainer, "step", original)
+    run_interrupted(monkeypatch, train_module.Trainer, "step", 3, lambda: train(config, tmp_path / "cut", quiet=True))
     assert not (tmp_path / "cut" / "model.pt").exists()
     train(config, tmp_path / "cut", resume=True, quiet=True)
     a = load_model_with_meta(tmp_path / "full" / "model.pt")[0].state_dict()
