@@ -117,7 +117,8 @@ def cached(cache: Path, stage: str, key: str, marker: str,
 def cached_stage(cache: Path, stage: str, key: str, marker: str, run: Callable[[Path, bool], Any],
                  inputs: Optional[Dict[str, Optional[str]]] = None) -> Path:
     """``cache/<stage>-<key>``, computed by ``run(folder, resume)`` unless ``marker`` is already there
-    (a folder with a checkpoint but no marker resumes); ``stage.json`` records the seconds it took.
+    (a folder with a checkpoint but no marker resumes); ``stage.json`` records the seconds it took at
+    torch's thread count.
 
     ``inputs`` (name -> digest, e.g. the model a stage evaluates; see :func:`model_digest`): a stage made
     from other inputs is stale and runs again. Model files are not committed, so a fresh clone retrains
@@ -133,7 +134,8 @@ def cached_stage(cache: Path, stage: str, key: str, marker: str, run: Callable[[
     began = time.time()
     resume = (folder / "checkpoint.pt").is_file()
     run(folder, resume)
-    record: Dict[str, Any] = {"stage": stage, "seconds": round(time.time() - began, 2), "resumed": resume}
+    record: Dict[str, Any] = {"stage": stage, "seconds": round(time.time() - began, 2), "resumed": resume,
+                              "threads": torch.get_num_threads()}
     if inputs is not None and any(value is not None for value in inputs.values()):
         record["inputs"] = inputs
     if marker.endswith(".pt") and (folder / marker).is_file():

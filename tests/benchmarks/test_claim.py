@@ -60,3 +60,28 @@ def test_the_claim_protocol_still_finds_the_committed_searches():
         folder = out / "cache" / f"search-{config_hash('search', stage_settings(config))}"
         assert (folder / "genotype.json").is_file(), (record["row"], record["seed"])
         assert json.loads((folder / "genotype.json").read_text())["normal"] == record["normal"], record["row"]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_run_every_unit_once_in_one_thread_each_and_share_the_cache(tmp_path):
+    import torch
+    out = tmp_path / "claim"
+    argv = ["--scale", "tiny", "--rows", "DARTS,random-1,random-2", "--seeds", "0", "--out", str(out)]
+    assert claim.main(argv + ["--jobs", "2"]) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in records) == ["DARTS", "random-1", "random-2"]
+    stamps = [json.loads(p.read_text()) for p in (out / "cache").glob("*/stage.json")]
+    assert len(stamps) == 1 + 3 * 5  # one search; per row a training, verified accuracy at 2 eps, radii, attacks
+    assert {s["threads"] for s in stamps} == {max(1, torch.get_num_threads() // 2)}
+    run = json.loads((out / "run.json").read_text())
+    assert (run["jobs"], run["threads_per_job"]) == (2, max(1, torch.get_num_threads() // 2))
+    stages = sorted(p.name for p in (out / "cache").iterdir())
+    assert claim.main(argv) == 0  # one process finds every stage the workers made
+    assert sorted(p.name for p in (out / "cache").iterdir()) == stages
+
+
+def test_bad_jobs_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        claim.main(["--scale", "tiny", "--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
