@@ -260,15 +260,22 @@ def main(ctx, verbose, quiet):
     ctx.obj = {"quiet": quiet}
 
 
+
+def run_folder_options(default: str, help_text: str):
+    """--out (a run folder with this default), --resume and --force, shared by search and train."""
+    def decorate(command):
+        command = click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")(command)
+        command = click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")(command)
+        return click.option("--out", type=click.Path(path_type=Path), default=Path(default), show_default=True,
+                            help=help_text)(command)
+    return decorate
+
 @main.command()
 @config_options(SearchConfig)
 @click.option("--metric", type=click.Choice(["none", "clb", "jacobian", "combined", "sdarts-adv", "pgd"]), default=None,
               help="Term and strategy in one word: none (DARTS), clb, jacobian, combined (with the darts strategy), "
                    "or a baseline strategy without a term: sdarts-adv, pgd.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/search"), show_default=True,
-              help="Output folder.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@run_folder_options("runs/search", "Output folder.")
 @settings_file_option
 @click.pass_context
 @_fail_cleanly
@@ -295,10 +302,7 @@ def search(ctx, metric, out, resume, force, **settings):
 
 @main.command()
 @config_options(TrainConfig)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), show_default=True,
-              help="Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@run_folder_options("runs/train", "Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
 @settings_file_option
 @click.pass_context
 @_fail_cleanly
