@@ -260,7 +260,6 @@ def main(ctx, verbose, quiet):
     ctx.obj = {"quiet": quiet}
 
 
-
 def run_folder_options(default: str, help_text: str):
     """--out (a run folder with this default), --resume and --force, shared by search and train."""
     def decorate(command):
@@ -269,6 +268,7 @@ def run_folder_options(default: str, help_text: str):
         return click.option("--out", type=click.Path(path_type=Path), default=Path(default), show_default=True,
                             help=help_text)(command)
     return decorate
+
 
 @main.command()
 @config_options(SearchConfig)
