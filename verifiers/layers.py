@@ -106,7 +106,9 @@ class MaxPool3x3(nn.Module):
               size: int, axis: int) -> torch.Tensor:
         groups = x.shape[1]
         step = stride[axis]
-        centre = F.conv2d(x, kernels[0], stride=stride, padding=padding, groups=groups)
+        # at stride 1 the centre selection is the identity: no convolution, so no node for the bound
+        # to back-substitute through (a stride-2 selection stays a convolution, which bounds in patches)
+        centre = x if step == 1 else F.conv2d(x, kernels[0], stride=stride, padding=padding, groups=groups)
         to_left = F.conv2d(x, kernels[1], stride=stride, padding=padding, groups=groups)
         to_right = F.conv2d(x, kernels[2], stride=stride, padding=padding, groups=groups)
         shape = (1, 1, -1, 1) if axis == 0 else (1, 1, 1, -1)
