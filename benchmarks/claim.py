@@ -11,6 +11,7 @@ every certificate attacked by the soundness guard), PGD-100 and AutoAttack accur
 and the certified radius. Stages are cached like the paper tables (``<out>/cache``), so the experiment
 runs in parts: stop it at any time and run the same command again. ``<out>`` gets ``records.jsonl`` (one
 record per row and seed), ``claim.csv`` / ``claim.md`` (mean +- std over seeds) and ``verdict.md``.
+``--summarise`` rewrites those three from the records without running anything.
 ``--jobs N`` runs N row-seeds at a time in worker processes that share the CPU threads (on 2 cores, two
 1-thread workers train about 1.7x as many digits per second as one 2-thread process).
 """
@@ -227,9 +228,46 @@ def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def verdict(rows: List[Dict[str, Any]], key: str) -> List[str]:
+def sign_flip_p(differences: List[float], exact_up_to: int = 16, draws: int = 200_000) -> float:
+    """Two-sided p-value of the paired sign-flip (permutation) test that the differences are centred on 0:
+    the fraction of the 2^n sign assignments whose |sum| is at least the observed one. Exact up to
+    ``exact_up_to`` pairs, a fixed-seed Monte Carlo estimate beyond; assumes only that the sign of each
+    difference is exchangeable under the null (no normality), so it is valid for a handful of seeds."""
+    import numpy as np
+    d = np.asarray([x for x in differences if x != 0], dtype=np.float64)
+    if d.size == 0:
+        return 1.0
+    observed = abs(d.sum())
+    if d.size <= exact_up_to:
+        signs = ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1) * 2 - 1
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(draws, d.size))
+    return float(np.mean(np.abs(signs @ d) >= observed - 1e-12 * max(1.0, observed)))
+
+
+def paired_gaps(records: List[Dict[str, Any]], challenger: str, reference: str, key: str) -> Dict[str, Any]:
+    """Per-seed gaps ``challenger - reference`` on ``key`` over the seeds both have (a row with several
+    records per seed, like ``random (all cells)``, counts as their mean), with wins / ties / losses and
+    the sign-flip p-value."""
+    def per_seed(name: str) -> Dict[int, float]:
+        values: Dict[int, List[float]] = {}
+        for r in records:
+            member = r["row"] == name or (name == "random (all cells)" and r["row"].startswith("random-"))
+            if member and isinstance(r.get(key), (int, float)):
+                values.setdefault(r["seed"], []).append(r[key])
+        return {seed: statistics.fmean(v) for seed, v in values.items()}
+    mine, other = per_seed(challenger), per_seed(reference)
+    seeds = sorted(set(mine) & set(other))
+    gaps = [mine[s] - other[s] for s in seeds]
+    return {"seeds": seeds, "gaps": gaps, "mean": statistics.fmean(gaps) if gaps else float("nan"),
+            "wins": sum(g > 0 for g in gaps), "ties": sum(g == 0 for g in gaps), "losses": sum(g < 0 for g in gaps),
+            "p": sign_flip_p(gaps)}
+
+
+def verdict(rows: List[Dict[str, Any]], key: str, records: Optional[List[Dict[str, Any]]] = None) -> List[str]:
     """Plain-language answers: does DSRNA-CB (and each DSRNA row) beat DARTS and the random cells on
-    ``key`` by more than the seed spread (the larger of the two standard deviations)?"""
+    ``key`` by more than the seed spread (the larger of the two standard deviations)? With ``records``,
+    each answer also gives the seed-paired gaps and their sign-flip test (significant at p < 0.05)."""
     by_name = {row["row"]: row for row in rows}
     lines = []
     for challenger in ("DSRNA-CB", "DSRNA-CB (radius)", "DSRNA-Combined", "DSRNA-Jacobian"):
@@ -250,9 +288,19 @@ def verdict(rows: List[Dict[str, Any]], key: str) -> List[str]:
                 answer = "no: it is worse by more than the spread"
             else:
                 answer = "no: the gap is within the seed spread"
-            lines.append(f"- {challenger} vs {reference} on {key}: {100 * mine[key]:.1f} vs {100 * other[key]:.1f} "
-                         f"(gap {100 * gap:+.1f}, spread {100 * spread:.1f} points, {mine['runs']} / {other['runs']} runs)"
-                         f": **{answer}**")
+            line = (f"- {challenger} vs {reference} on {key}: {100 * mine[key]:.1f} vs {100 * other[key]:.1f} "
+                    f"(gap {100 * gap:+.1f}, spread {100 * spread:.1f} points, {mine['runs']} / {other['runs']} runs)"
+                    f": spread rule **{answer}**")
+            paired = paired_gaps(records, challenger, reference, key) if records else None
+            if paired and len(paired["seeds"]) >= 2:
+                floor = 2 / 2 ** (paired["wins"] + paired["losses"])  # the smallest p the seeds can give
+                significant = ("**significant**" if paired["p"] < 0.05 else "**not significant**" if floor < 0.05
+                               else f"**not significant**: {paired['wins'] + paired['losses']} untied seeds cannot go "
+                                    f"below p = {min(floor, 1):.3f}")
+                line += (f"; paired by seed ({len(paired['seeds'])} seeds): mean gap {100 * paired['mean']:+.1f}, "
+                         f"won {paired['wins']}, tied {paired['ties']}, lost {paired['losses']}, "
+                         f"sign-flip p = {paired['p']:.3f}: {significant}")
+            lines.append(line)
     return lines
 
 
@@ -275,7 +323,7 @@ def write_outputs(records: List[Dict[str, Any]], out: Path, scale: ClaimScale) -
     key = f"verified@{max(scale.eps):g}"
     atomic_write_text(out / "verdict.md", "\n".join(
         [f"# Verdict ({scale.name} scale; verified accuracy, best sound method, L-inf {max(scale.eps):g})", ""]
-        + verdict(rows, key) + [""]))
+        + verdict(rows, key, records) + [""]))
     return rows
 
 
@@ -332,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="Row-seeds run at a time, in worker processes that "
                                                             "share torch's threads (default 1: in this process).")
+    parser.add_argument("--summarise", action="store_true", help="Only rewrite claim.csv / claim.md / verdict.md from "
+                                                                 "<out>/records.jsonl (runs nothing).")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -345,6 +395,14 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     out = args.out or Path(__file__).parent / "results" / f"claim-{args.scale}"
+    if args.summarise:
+        records = read_records(out)
+        if not records:
+            parser.error(f"--summarise: no records in {out / 'records.jsonl'}")
+        write_outputs(records, out, scale)
+        print((out / "claim.md").read_text())
+        print((out / "verdict.md").read_text())
+        return 0
     units = [(row, seed) for seed in seeds for row in rows]  # seed-major: a partial run has every row at the first seeds
     threads = max(1, torch.get_num_threads() // args.jobs)
     began = time.time()

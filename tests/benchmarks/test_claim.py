@@ -44,15 +44,68 @@ def test_random_cells_are_valid_distinct_and_never_use_none():
     assert random_genotype(3) == random_genotype(3)
 
 
-@pytest.mark.parametrize("scale", ["cpu", "cpu-short"])
-def test_the_claim_protocol_still_finds_the_committed_searches(scale):
+@pytest.mark.parametrize("n", [1, 6, 8, 13])
+def test_sign_flip_p_is_the_sign_test_when_every_difference_has_the_same_size(n):
+    """With equal magnitudes the sign-flip test is the two-sided binomial sign test, whose p-value has a
+    closed form: P(#negative <= k or >= n - k) for k observed negative signs."""
+    from math import comb
+    for negatives in range(n // 2 + 1):
+        differences = [-0.5] * negatives + [0.5] * (n - negatives)
+        tail = sum(comb(n, j) for j in range(negatives + 1)) / 2 ** n
+        expected = min(1.0, 2 * tail)
+        assert claim.sign_flip_p(differences) == pytest.approx(expected, abs=1e-12)
+        assert claim.sign_flip_p(differences + [0.0, 0.0]) == pytest.approx(expected, abs=1e-12)  # ties drop out
+        # past the exact limit it is a Monte Carlo estimate of the same number
+        assert claim.sign_flip_p(differences, exact_up_to=0) == pytest.approx(expected, abs=0.005)
+
+
+def test_sign_flip_p_separates_a_consistent_gap_from_noise():
+    assert claim.sign_flip_p([0.02, 0.05, 0.01, 0.03, 0.04, 0.02, 0.06, 0.01]) < 0.01
+    assert claim.sign_flip_p([0.31, -0.01, 0.02, -0.03, 0.01, -0.02]) > 0.3  # one large gap is not a pattern
+    assert claim.sign_flip_p([]) == 1.0
+
+
+def test_the_verdict_pairs_rows_by_seed_and_averages_the_random_cells_of_a_seed():
+    def rec(row, seed, value):
+        return {"row": row, "seed": seed, "verified@0.1": value}
+    records = ([rec("DSRNA-CB", s, 0.8 + 0.01 * s) for s in range(7)]
+               + [rec("DARTS (IBP weights)", s, 0.7 + 0.01 * s) for s in range(6)]  # seed 6 unpaired
+               + [rec(f"random-{i}", s, 0.5 + 0.1 * i) for i in (1, 2) for s in range(7)])
+    paired = claim.paired_gaps(records, "DSRNA-CB", "DARTS (IBP weights)", "verified@0.1")
+    assert paired["seeds"] == list(range(6))
+    assert paired["gaps"] == pytest.approx([0.1] * 6) and (paired["wins"], paired["losses"]) == (6, 0)
+    assert paired["p"] == pytest.approx(2 / 64)
+    random = claim.paired_gaps(records, "DSRNA-CB", "random (all cells)", "verified@0.1")
+    assert random["gaps"] == pytest.approx([0.8 + 0.01 * s - 0.65 for s in range(7)])
+    lines = claim.verdict(claim.summarise(records), "verified@0.1", records)
+    line = next(l for l in lines if "vs DARTS (IBP weights)" in l)
+    assert "paired by seed (6 seeds): mean gap +10.0, won 6, tied 0, lost 0, sign-flip p = 0.031: **significant**" in line
+
+
+def test_summarise_rewrites_the_reports_from_the_records_and_runs_nothing(tmp_path, capsys):
+    records = [{"row": row, "seed": s, "clean": 0.9, "verified@0.05": 0.8, "verified@0.1": v + 0.01 * s}
+               for s in range(3) for row, v in (("DSRNA-CB", 0.7), ("DARTS", 0.6))]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert claim.main(["--scale", "tiny", "--summarise", "--out", str(tmp_path)]) == 0
+    assert "DSRNA-CB | 3 |" in (tmp_path / "claim.md").read_text()
+    assert ("paired by seed (3 seeds): mean gap +10.0, won 3, tied 0, lost 0, sign-flip p = 0.250: **not significant**: "
+            "3 untied seeds cannot go below p = 0.250") in (tmp_path / "verdict.md").read_text()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        claim.main(["--scale", "tiny", "--summarise", "--out", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "no records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, scale", [("claim-cpu", "cpu"), ("claim-cpu-short", "cpu-short"),
+                                           ("claim-cpu-short-pair", "cpu-short")])
+def test_the_claim_protocol_still_finds_the_committed_searches(folder, scale):
     """Each committed searched row and seed is found in the cache under the key today's search settings
     of the scale give, with the cell the record holds: a changed ``certnas search`` default must not
     silently change the experiment (a rerun would search again and mix two protocols in one table;
     cpu-short takes every default, so a new default needs that scale pinned to the old value)."""
     from pathlib import Path
     from benchmarks.common import config_hash, stage_settings
-    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"claim-{scale}"
+    out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / folder
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     searched = [r for r in records if r["row"] in claim.SEARCH_ROWS]
     assert len(searched) >= 8
