@@ -53,6 +53,12 @@ SEARCH_ROWS: Dict[str, Dict[str, Any]] = {
 }
 RANDOM_CELLS = 5
 ROWS = list(SEARCH_ROWS) + [f"random-{i}" for i in range(1, RANDOM_CELLS + 1)]
+RANDOM_POOL = "random (all cells)"  # the summary row that pools every drawn cell
+
+
+def row_names(record: Dict[str, Any]) -> List[str]:
+    """The summary rows a record counts in: its own, and the pooled random row for a drawn cell."""
+    return [record["row"]] + ([RANDOM_POOL] if record["row"].startswith("random-") else [])
 
 
 @dataclass(frozen=True)
@@ -209,14 +215,13 @@ def summarise(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Mean and standard deviation over seeds per row, and one pooled ``random (all)`` row."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for record in records:
-        groups.setdefault(record["row"], []).append(record)
-        if record["row"].startswith("random-"):
-            groups.setdefault("random (all cells)", []).append(record)
+        for name in row_names(record):
+            groups.setdefault(name, []).append(record)
     keys: List[str] = []
     for record in records:
         keys += [k for k, v in record.items() if isinstance(v, (int, float)) and k != "seed" and k not in keys]
     rows = []
-    for name in [r for r in ROWS if r in groups] + (["random (all cells)"] if "random (all cells)" in groups else []):
+    for name in [r for r in ROWS + [RANDOM_POOL] if r in groups]:
         members = groups[name]
         row: Dict[str, Any] = {"row": name, "runs": len(members)}
         for key in keys:
@@ -252,8 +257,7 @@ def paired_gaps(records: List[Dict[str, Any]], challenger: str, reference: str, 
     def per_seed(name: str) -> Dict[int, float]:
         values: Dict[int, List[float]] = {}
         for r in records:
-            member = r["row"] == name or (name == "random (all cells)" and r["row"].startswith("random-"))
-            if member and isinstance(r.get(key), (int, float)):
+            if name in row_names(r) and isinstance(r.get(key), (int, float)):
                 values.setdefault(r["seed"], []).append(r[key])
         return {seed: statistics.fmean(v) for seed, v in values.items()}
     mine, other = per_seed(challenger), per_seed(reference)
@@ -274,7 +278,7 @@ def verdict(rows: List[Dict[str, Any]], key: str, records: Optional[List[Dict[st
         if challenger not in by_name or key not in by_name[challenger]:
             continue
         mine = by_name[challenger]
-        for reference in ("DARTS", "DARTS (IBP weights)", "random (all cells)"):
+        for reference in ("DARTS", "DARTS (IBP weights)", RANDOM_POOL):
             if reference not in by_name or key not in by_name[reference]:
                 continue
             other = by_name[reference]
