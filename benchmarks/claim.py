@@ -332,9 +332,22 @@ def write_outputs(records: List[Dict[str, Any]], out: Path, scale: ClaimScale) -
 
 
 def read_records(out: Path) -> List[Dict[str, Any]]:
-    """The records already in ``<out>/records.jsonl`` (none when it does not exist)."""
+    """The records already in ``<out>/records.jsonl`` (none when it does not exist); ValueError naming the
+    line when one is not a JSON record."""
     path = out / "records.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
+            if not isinstance(record, dict) or not {"row", "seed"} <= record.keys():
+                raise ValueError(f"{path}, line {number}: a record needs a row and a seed")
+            records.append(record)
+    return records
 
 
 def _record_in_worker(scale: str, out: Path, data_root: Optional[str], device: str, row: str, seed: int,
@@ -399,8 +412,11 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     out = args.out or Path(__file__).parent / "results" / f"claim-{args.scale}"
+    try:
+        records = read_records(out)  # checked before anything runs
+    except ValueError as error:
+        parser.error(str(error))
     if args.summarise:
-        records = read_records(out)
         if not records:
             parser.error(f"--summarise: no records in {out / 'records.jsonl'}")
         write_outputs(records, out, scale)

@@ -96,6 +96,20 @@ def test_summarise_rewrites_the_reports_from_the_records_and_runs_nothing(tmp_pa
     assert exit_info.value.code == 2 and "no records" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line, message", [('{"row": "DARTS", "seed": 0', "line 2: not a JSON record"),
+                                           ('{"row": "DARTS"}', "line 2: a record needs a row and a seed"),
+                                           ('[1, 2]', "line 2: a record needs a row and a seed")])
+def test_a_broken_records_file_is_a_one_line_error_before_anything_runs(tmp_path, capsys, line, message):
+    good = {"row": "DARTS", "seed": 0, "verified@0.1": 0.5}
+    (tmp_path / "records.jsonl").write_text(json.dumps(good) + "\n" + line + "\n")
+    for extra in (["--summarise"], ["--rows", "random-1", "--seeds", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            claim.main(["--scale", "tiny", "--out", str(tmp_path)] + extra)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("folder, scale", [("claim-cpu", "cpu"), ("claim-cpu-short", "cpu-short"),
                                            ("claim-cpu-short-pair", "cpu-short")])
 def test_the_claim_protocol_still_finds_the_committed_searches(folder, scale):
