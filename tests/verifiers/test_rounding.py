@@ -75,11 +75,15 @@ def test_the_cascade_reports_the_recheck_of_each_method_it_ran(fooled):
     rounding = {}
     results = cascade(net, x, y, 0.0, methods=["ibp", "crown"], rounding=rounding)
     assert all(r.status is not Status.CERTIFIED for r in results)
-    # every sample reaches both methods, and each method's float32 margin of every one is rechecked
-    crown = margin_lower_bound(net, x, y, 0.0, method="crown").detach()
-    assert rounding["ibp"] == {"rechecked": len(x), "rejected": len(x)}
-    assert "crown" in rounding  # reached
-    assert rounding["crown"].get("rechecked", 0) == rounding["crown"].get("rejected", 0) == int((crown > 0).sum())
+    # Which float32 margins come out positive depends on the batch they are computed in (the cascade bounds
+    # in batches of its own; another CPU rounds them otherwise), so the counts are not compared with a
+    # recomputation. What holds on any host: both methods ran, every margin rechecked was rejected (every
+    # exact margin is negative), and IBP rechecked some (a float32 margin was positive for it to be rechecked).
+    undecided = sum(r.method == "-" for r in results)
+    assert set(rounding) == {"ibp", "crown"}
+    for method, counts in rounding.items():
+        assert counts.get("rechecked", 0) == counts.get("rejected", 0) <= undecided, (method, counts)
+    assert rounding["ibp"]["rechecked"] > 0
 
 
 def test_radius_certifies_none_of_them(fooled):
