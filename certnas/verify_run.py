@@ -22,7 +22,7 @@ from certnas.distributed import World
 from certnas.evaluation import predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
-from verifiers.verify import (METHODS, Status, attack_radius, cascade, crown_feasible, milp_supported, parse_methods,
+from verifiers.verify import (CROWN_MAX_RELUS, METHODS, Status, attack_radius, cascade, crown_feasible, milp_supported, parse_methods,
                               radii, summarize, verify_methods)
 
 
@@ -47,8 +47,8 @@ class VerifyConfig:
     milp_time_limit: float = setting(60.0, "Seconds per MILP solve (one per other class); a timeout counts as not "
                                            "certified.")
     milp_max_relus: int = 2000
-    crown_max_relus: int = setting(250000, "Largest network (ReLU neurons) crown / alpha-crown are run on (their cost "
-                                           "grows with it; 0: no limit).")
+    crown_max_relus: int = setting(CROWN_MAX_RELUS, "Largest network (ReLU neurons) crown / alpha-crown are run on "
+                                                    "(their cost grows with it; 0: no limit).")
     data: Optional[str] = data_setting(None)
     data_root: Optional[str] = data_root_setting()
     seed: int = seed_setting()

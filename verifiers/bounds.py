@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from verifiers import lirpa, rewrite
 from verifiers.errors import BoundInputError, UnsupportedModelError
+from verifiers.perturbation import Norm, Perturbation, parse_eps, parse_norm  # noqa: F401  (Norm re-exported: one definition)
 
 Eps = Union[float, torch.Tensor]
 
@@ -47,27 +48,6 @@ class BoundMethod(str, enum.Enum):
     def lirpa_name(self) -> str:
         return {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN",
                 "alpha-crown": "CROWN-Optimized"}[self.value]
-
-
-class Norm(float, enum.Enum):
-    """The norms of a perturbation ball. A float: ``Norm.LINF == math.inf`` and ``Norm.L2 == 2.0``."""
-    LINF = math.inf
-    L2 = 2.0
-
-    def __str__(self) -> str:
-        return "inf" if self is Norm.LINF else "2"
-
-
-def parse_norm(norm: Union[float, int, str, Norm]) -> Norm:
-    """``inf`` (or ``"inf"``, ``"linf"``, ``math.inf``) or ``2`` (``"2"``, ``"l2"``, ``2.0``) -> a ``Norm``."""
-    if isinstance(norm, Norm):
-        return norm
-    text = str(norm).strip().lower()
-    if text in ("inf", "linf", "l-inf"):
-        return Norm.LINF
-    if text in ("2", "2.0", "l2"):
-        return Norm.L2
-    raise BoundInputError(f"unsupported norm {norm!r}; supported norms: inf, 2")
 
 
 # Module types that are never bounded soundly here, with the replacement to use.
@@ -238,24 +218,7 @@ def _validate(model: nn.Module, x: torch.Tensor, eps: Eps, norm, method) -> Tupl
     if x.numel() and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
         raise BoundInputError(f"x must be pixels in [0, 1] (normalisation belongs inside the model), "
                               f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
-    batch = x.shape[0]
-    if isinstance(eps, torch.Tensor):
-        eps_t = eps.detach().to(device=x.device, dtype=x.dtype).flatten()
-        if eps_t.numel() == 1:
-            eps_t = eps_t.expand(batch)
-        if eps_t.numel() != batch:
-            raise BoundInputError(f"eps must be a float or a tensor of shape ({batch},), got shape {tuple(eps.shape)}")
-    else:
-        try:
-            eps_t = torch.full((batch,), float(eps), device=x.device, dtype=x.dtype)
-        except (TypeError, ValueError):
-            raise BoundInputError(f"eps must be a number, got {eps!r}") from None
-    if torch.isnan(eps_t).any():
-        raise BoundInputError("eps is NaN")
-    if (eps_t < 0).any():
-        raise BoundInputError(f"eps must be >= 0, got {eps_t.min().item():g}")
-    if torch.isinf(eps_t).any():
-        raise BoundInputError("eps must be finite")
+    eps_t = parse_eps(eps, x.shape[0], x)
     return eps_t, norm, method
 
 
@@ -274,10 +237,67 @@ def full_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
+ENGINES = ("auto", "tape", "lirpa")
+
+
+def _uses_tape(model: nn.Module, method: BoundMethod, conv_mode: str, sparse: bool, engine: str) -> bool:
+    """Whether a bound runs on ``verifiers.crown`` (the tape engine) or on auto_LiRPA: the one place that
+    chooses. ``auto``: the tape for crown and alpha-crown on a model in eval mode when no gradient is wanted
+    (its bounds are at least as tight and several times faster; training-mode batch norm and gradients of a
+    crown bound stay with auto_LiRPA), and auto_LiRPA where its own options (conv_mode, sparse) are set."""
+    if engine not in ENGINES:
+        raise BoundInputError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine == "tape"
+    if method not in (BoundMethod.CROWN, BoundMethod.ALPHA_CROWN) or model.training:
+        return False
+    if conv_mode != "patches" or not sparse:
+        return False
+    wants_gradient = method is BoundMethod.CROWN and torch.is_grad_enabled() and \
+        any(p.requires_grad for p in model.parameters())
+    return not wants_gradient
+
+
+# alpha-CROWN on the output specification: the settings auto_LiRPA's CROWN-Optimized ran with here
+ALPHA_STEPS, ALPHA_LR = 20, 0.5
+
+
+def tape_options(method: Union[str, BoundMethod]):
+    """The ``verifiers.crown`` settings of a bound method that runs on the tape (crown, alpha-crown)."""
+    from verifiers.crown import CrownOptions
+    method = BoundMethod.parse(method)
+    return CrownOptions(output_alpha_steps=ALPHA_STEPS if method is BoundMethod.ALPHA_CROWN else 0, alpha_lr=ALPHA_LR)
+
+
+def uses_tape(model: nn.Module, method: Union[str, BoundMethod]) -> bool:
+    """Whether ``method``'s bounds on ``model`` (default options, no gradient) run on ``verifiers.crown``."""
+    with torch.no_grad():
+        return _uses_tape(model, BoundMethod.parse(method), "patches", True, "auto")
+
+
+def _tape_bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float, method: BoundMethod,
+                C: Optional[torch.Tensor], bound_upper: bool, box: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+    from verifiers.crown import linear_bound
+    perturbation = Perturbation.input_box(*box) if box is not None else Perturbation(parse_norm(norm), eps_t)
+    if C is None:
+        classes = _num_classes(model, x)
+        C = torch.eye(classes, device=x.device, dtype=x.dtype).expand(x.shape[0], classes, classes)
+    rows = C.shape[1]
+    spec = torch.cat([C, -C], 1) if bound_upper else C
+    bound = linear_bound(model, x, perturbation, spec.to(x.dtype), options=tape_options(method)).lower
+    return bound[:, :rows], (-bound[:, rows:] if bound_upper else None)
+
+
 @full_float32()
 def _bound(model: nn.Module, x: torch.Tensor, eps_t: torch.Tensor, norm: float,
            method: BoundMethod, C: torch.Tensor = None, bound_upper: bool = True, conv_mode: str = "patches",
-           sparse: bool = True, box: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+           sparse: bool = True, box: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, engine: str = "auto"):
+    if _uses_tape(model, method, conv_mode, sparse, engine):
+        try:
+            return _tape_bound(model, x, eps_t, norm, method, C, bound_upper, box)
+        except UnsupportedModelError:
+            if engine == "tape":
+                raise  # else a graph the tape cannot trace: auto_LiRPA below
     uniform = bool((eps_t == eps_t[0]).all())
     if norm != math.inf and not uniform and method in (BoundMethod.IBP, BoundMethod.CROWN_IBP):
         # auto_LiRPA 0.3's IBP through the scaled-input wrapper below is unsound for L2 (it
@@ -393,7 +413,8 @@ def _bound_per_radius(model, x, eps_t, norm, method, C, bound_upper, conv_mode, 
 
 def compute_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, norm: Union[float, str] = math.inf,
                    method: Union[str, BoundMethod] = "crown-ibp",
-                   conv_mode: str = "patches", sparse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                   conv_mode: str = "patches", sparse: bool = True,
+                   engine: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Sound bounds on the logits over the Lp ball of radius ``eps`` around ``x``.
 
     x: (B, ...) in [0, 1]; eps: float or (B,), >= 0; norm: inf or 2.
@@ -406,30 +427,26 @@ def compute_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, norm: Union[f
     stable (fast; a stable neuron keeps its IBP interval); False bounds every neuron by back-substitution.
     Which neurons are skipped is decided for the whole batch (a neuron unstable for any sample is
     back-substituted for all), so sparse bounds can differ slightly with the batch they are computed in.
+    engine: ``auto`` (crown and alpha-crown on ``verifiers.crown`` where it applies, see ``_uses_tape``),
+    ``tape`` or ``lirpa`` (auto_LiRPA; conv_mode and sparse are its options).
     """
     eps_t, norm, method = _validate(model, x, eps, norm, method)
     if conv_mode not in ("patches", "matrix"):
         raise BoundInputError(f"unknown conv_mode {conv_mode!r}; known: patches, matrix")
-    return _bound(model, x, eps_t, norm, method, conv_mode=conv_mode, sparse=sparse)
+    return _bound(model, x, eps_t, norm, method, conv_mode=conv_mode, sparse=sparse, engine=engine)
 
 
 def box_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, *, C: Optional[torch.Tensor] = None,
-               method: Union[str, BoundMethod] = "crown", sparse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+               method: Union[str, BoundMethod] = "crown", sparse: bool = True,
+               engine: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Sound bounds on ``C @ model(x)`` (or the outputs when C is None) over the box ``lower <= x <= upper``.
 
     lower, upper: (B, ...) with lower <= upper, any finite values (not limited to [0, 1]); C: (B, S, K).
     Returns ``(lower, upper)``, each (B, S) (or (B, K))."""
     method = BoundMethod.parse(method)
-    if lower.shape != upper.shape or lower.dim() < 2:
-        raise BoundInputError(f"lower and upper must be batched tensors of one shape, got {tuple(lower.shape)} "
-                              f"and {tuple(upper.shape)}")
-    if not (torch.isfinite(lower).all() and torch.isfinite(upper).all()):
-        raise BoundInputError("the input box must be finite")
-    if (lower > upper).any():
-        raise BoundInputError("the input box is empty: some lower bound exceeds its upper bound")
+    box = Perturbation.input_box(lower, upper)  # validates the box
     centre = (lower + upper) / 2
-    radius = ((upper - lower) / 2).flatten(1).max(1).values
-    return _bound(model, centre, radius, math.inf, method, C=C, sparse=sparse, box=(lower, upper))
+    return _bound(model, centre, box.eps, math.inf, method, C=C, sparse=sparse, box=(lower, upper), engine=engine)
 
 
 def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -440,7 +457,7 @@ def margin_specification(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return eye[y].unsqueeze(1) - eye[others]
 
 
-def _margin_rows(model, x, y, eps, norm, method) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def _margin_rows(model, x, y, eps, norm, method, engine: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, int]:
     eps_t, norm, method = _validate(model, x, eps, norm, method)
     y = torch.as_tensor(y, device=x.device)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -452,20 +469,20 @@ def _margin_rows(model, x, y, eps, norm, method) -> Tuple[torch.Tensor, torch.Te
     if (y < 0).any() or (y >= num_classes).any():
         raise BoundInputError(f"labels must lie in [0, {num_classes - 1}], got {y.min().item()}..{y.max().item()}")
     C = margin_specification(y, num_classes).to(x.dtype)
-    lower, _ = _bound(model, x, eps_t, norm, method, C=C, bound_upper=False)
+    lower, _ = _bound(model, x, eps_t, norm, method, C=C, bound_upper=False, engine=engine)
     return lower, y, num_classes
 
 
 def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
                        norm: Union[float, str] = math.inf,
-                       method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
+                       method: Union[str, BoundMethod] = "crown-ibp", engine: str = "auto") -> torch.Tensor:
     """Lower bound on ``min_{j != y} (logit_y - logit_j)`` over the ball; > 0 means certified.
 
     x: (B, ...) in [0, 1]; y: (B,) integer labels; eps: float or (B,). Returns (B,).
     Computed with a specification matrix (the margin is bounded as one linear function of the
     logits), which is tighter than subtracting logit bounds.
     """
-    return _margin_rows(model, x, y, eps, norm, method)[0].min(dim=1).values
+    return _margin_rows(model, x, y, eps, norm, method, engine)[0].min(dim=1).values
 
 
 def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,

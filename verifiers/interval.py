@@ -71,6 +71,11 @@ class Interval(torch.Tensor):
         eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         lower = (x - eps_t).clamp(0.0, 1.0)
         upper = (x + eps_t).clamp(0.0, 1.0)
+        return Interval.from_box(x, lower, upper)
+
+    @staticmethod
+    def from_box(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> "Interval":
+        """The box ``lower <= x' <= upper`` (each shaped like x) with clean value x."""
         node = Node("input", (), {"lower": lower, "upper": upper}, tuple(x.shape[1:]))
         return Interval.make(x, (upper + lower) / 2, (upper - lower) / 2, node)
 
@@ -340,24 +345,59 @@ _HANDLERS: Dict[Any, Callable] = {
 
 # ---------------------------------------------------------------- CROWN-IBP: back-substitution from the output
 
-def _backward(output: Node, spec: torch.Tensor) -> torch.Tensor:
-    """Lower bound of ``spec . output`` over the input box: spec (B, S, *output.shape) -> (B, S).
+@dataclass
+class ReluRelaxation:
+    """CROWN's linear relaxation of one ReLU node, precomputed for repeated back-substitution (full CROWN
+    bounds every layer through it). ``passes`` (B, *shape): 1 where the neuron is active, else 0; ``unstable``
+    (U,): flat indices of the neurons unstable for some sample; ``lower_slope``, ``upper_slope``,
+    ``upper_intercept`` (B, U): the relaxation there (a sample stable at such an index gets its exact slope
+    and intercept 0); ``lower_slope`` may also be (B, S, U), one per row of the specification back-substituted
+    (alpha-CROWN). Bounds: lower_slope * z <= relu(z) <= upper_slope * z + upper_intercept."""
+    passes: torch.Tensor
+    unstable: torch.Tensor
+    lower_slope: torch.Tensor
+    upper_slope: torch.Tensor
+    upper_intercept: torch.Tensor
 
-    Linear operations pass the coefficients back exactly; each ReLU is replaced by CROWN's linear
-    relaxation from its IBP pre-activation bounds (upper: the chord; lower: slope 1 where
-    ``u > -l``, else 0); the input box concretises what is left."""
+    @staticmethod
+    def from_bounds(lower: torch.Tensor, upper: torch.Tensor,
+                    lower_slope: Optional[torch.Tensor] = None) -> "ReluRelaxation":
+        """The relaxation for pre-activation bounds ``lower <= z <= upper`` (B, *shape); ``lower_slope``
+        (B, *shape) in [0, 1] overrides CROWN's choice (1 where ``upper > -lower``, else 0) on unstable neurons."""
+        batch = lower.shape[0]
+        flat_l, flat_u = lower.reshape(batch, -1), upper.reshape(batch, -1)
+        unstable = ((flat_l < 0) & (flat_u > 0)).any(0).nonzero().flatten()
+        l, u = flat_l[:, unstable], flat_u[:, unstable]
+        open_ = (l < 0) & (u > 0)
+        active = (l >= 0).to(lower.dtype)
+        upper_slope = torch.where(open_, u / (u - l).clamp_min(1e-12), active)
+        upper_intercept = torch.where(open_, -l * upper_slope, torch.zeros_like(l))
+        if lower_slope is None:
+            chosen = (u > -l).to(lower.dtype)
+        else:
+            chosen = lower_slope.reshape(batch, -1)[:, unstable]
+        return ReluRelaxation((lower >= 0).to(lower.dtype), unstable, torch.where(open_, chosen, active),
+                              upper_slope, upper_intercept)
+
+
+def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Node]:
+    """``spec . output >= A . x + bias`` for every x in the input box: spec (B, S, *output.shape) ->
+    ``(A (B, S, *input.shape), bias (B, S), input node)``.
+
+    Linear operations pass the coefficients back exactly; each ReLU is replaced by a linear relaxation:
+    its ``relaxation`` (a :class:`ReluRelaxation`) where one is stored on the node, else CROWN's, from the
+    node's pre-activation bounds (upper: the chord; lower: slope 1 where ``u > -l``, else 0)."""
     batch, rows = spec.shape[:2]
     pending: Dict[Node, torch.Tensor] = {output: spec}
     queue = [(-output.order, output)]  # latest first: every consumer of a node was made after it
     bias = torch.zeros(batch, rows, device=spec.device, dtype=spec.dtype)
-    lower = None
+    found = None
     while queue:
         node = heapq.heappop(queue)[1]
         A = pending.pop(node)
         kind, data = node.kind, node.data
         if kind == "input":
-            lo, hi = data["lower"].unsqueeze(1), data["upper"].unsqueeze(1)
-            lower = bias + (A.clamp(min=0) * lo + A.clamp(max=0) * hi).flatten(2).sum(2)
+            found = (A, node)
             continue
         if kind == "constant":
             bias = bias + (A * data["value"].unsqueeze(1)).flatten(2).sum(2)
@@ -371,17 +411,23 @@ def _backward(output: Node, spec: torch.Tensor) -> torch.Tensor:
             parent = node.parents[0]
             A_in = _conv_backward(A, parent.shape, data)
             if data["bias"] is not None:
-                bias = bias + (A.flatten(3).sum(3) * data["bias"]).sum(2)
+                bias = bias + (A.sum((3, 4)) * data["bias"]).sum(2)
             _push(pending, queue, parent, A_in)
         elif kind == "affine":
             scale, shift = data["scale"], data["shift"]
             if shift is not None:
                 shift_full = torch.as_tensor(shift, device=A.device, dtype=A.dtype)
-                bias = bias + (A * _expand_like(shift_full, A)).flatten(2).sum(2)
+                bias = bias + (A * _expand_like(shift_full, A)).sum(tuple(range(2, A.dim())))
             if scale is not None:
                 A = A * _expand_like(torch.as_tensor(scale, device=A.device, dtype=A.dtype), A)
             _push(pending, queue, node.parents[0], A)
         elif kind == "relu":
+            relaxation = data.get("relaxation")
+            if relaxation is not None:
+                A, extra = _relaxed_sparse(A, relaxation)
+                bias = bias + extra
+                _push(pending, queue, node.parents[0], A)
+                continue
             l, u = data["lower"].unsqueeze(1), data["upper"].unsqueeze(1)
             unstable = (l < 0) & (u > 0)
             upper_slope = torch.where(unstable, u / (u - l).clamp_min(1e-12), (l >= 0).to(A.dtype))
@@ -402,9 +448,39 @@ def _backward(output: Node, spec: torch.Tensor) -> torch.Tensor:
             _push(pending, queue, parent, A.reshape(batch, rows, *parent.shape))
         else:  # pragma: no cover - every kind made above is handled
             raise AssertionError(f"unknown node kind {kind}")
-    if lower is None:
+    if found is None:
         raise UnsupportedModelError("interval bounds: the output does not depend on the input")
-    return lower
+    return found[0], bias, found[1]
+
+
+def _relaxed_sparse(A: torch.Tensor, relaxation: ReluRelaxation) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A ReLU's back-substitution step with a precomputed relaxation: the coefficients times the exact
+    slope (0 or 1) everywhere, then the unstable entries replaced; returns ``(A_in, bias term (B, S))``.
+    Indexes A (B, S, *shape) in place of flattening it, which would copy a channels-last tensor."""
+    batch, rows = A.shape[:2]
+    out = A * relaxation.passes.unsqueeze(1)
+    index = relaxation.unstable
+    if not len(index):
+        return out, A.new_zeros(batch, rows)
+    where = (slice(None), slice(None)) + tuple(torch.unravel_index(index, tuple(A.shape[2:])))
+    picked = A[where]  # (B, S, U)
+    positive, negative = picked.clamp(min=0), picked.clamp(max=0)
+    # a lower slope per specification row (B, S, U), optimised by alpha-CROWN, or shared (B, U)
+    slope = relaxation.lower_slope if relaxation.lower_slope.dim() == 3 else relaxation.lower_slope.unsqueeze(1)
+    out[where] = positive * slope + negative * relaxation.upper_slope.unsqueeze(1)
+    return out, (negative * relaxation.upper_intercept.unsqueeze(1)).sum(2)
+
+
+def concretize_box(A: torch.Tensor, bias: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """``min over lower <= x <= upper`` of ``A . x + bias``: A (B, S, *shape), box (B, *shape) -> (B, S)."""
+    lo, hi = lower.unsqueeze(1), upper.unsqueeze(1)
+    return bias + (A.clamp(min=0) * lo + A.clamp(max=0) * hi).flatten(2).sum(2)
+
+
+def _backward(output: Node, spec: torch.Tensor) -> torch.Tensor:
+    """Lower bound of ``spec . output`` over the input box: spec (B, S, *output.shape) -> (B, S)."""
+    A, bias, source = back_substitute(output, spec)
+    return concretize_box(A, bias, source.data["lower"], source.data["upper"])
 
 
 def _expand_like(factor: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -444,8 +520,16 @@ def _conv_backward(A: torch.Tensor, in_shape: Tuple[int, ...], data: Dict[str, A
         spread[..., ::dilation[0], ::dilation[1]] = weight
         weight, dilation = spread, (1, 1)
     flat = A.reshape(batch * rows, *A.shape[2:])
+    if CHANNELS_LAST_ROWS and batch * rows >= CHANNELS_LAST_ROWS and flat.device.type == "cpu":
+        flat = flat.contiguous(memory_format=torch.channels_last)
     result = F.conv_transpose2d(flat, weight, None, stride, padding, tuple(extra), data["groups"], dilation)
     return result.reshape(batch, rows, *in_shape)
+
+
+# Back-substituting many rows at once (full CROWN's intermediate bounds), transposed convolutions in channels-last
+# layout ran 3-20x faster on a CPU (oneDNN; 1,024 rows of 8-32 channel maps at 28x28, 1 thread). Few rows (the
+# margin rows of certified training) keep the default layout. 0: never.
+CHANNELS_LAST_ROWS = 64
 
 
 def _pair(value) -> Tuple[int, int]:

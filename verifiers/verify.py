@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from verifiers.bounds import BoundMethod, parse_norm
+from verifiers.bounds import BoundMethod, parse_norm, tape_options, uses_tape
 from verifiers.errors import BoundInputError, UnsupportedModelError
 from verifiers.rounding import certified_margin
 
@@ -132,6 +132,11 @@ def relu_neurons(model: nn.Module, x: torch.Tensor) -> int:
     return counter.count
 
 
+# The default size limit of crown / alpha-crown: the cpu-scale paper networks (up to 260,288 ReLU calls) run
+# without raising it (verifiers.crown: about 25 s per bound on 2 threads); far larger networks are refused.
+CROWN_MAX_RELUS = 1_000_000
+
+
 def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> None:
     """Full CROWN computes a bound for every ReLU input by its own back-substitution, so its cost grows
     with the number of ReLU neurons times the depth: refuse networks beyond ``max_relus`` ReLU
@@ -142,8 +147,8 @@ def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: 
     if count > max_relus:
         raise UnsupportedModelError(
             f"{method}: the network has {count} ReLU neurons, more than --crown-max-relus {max_relus}; full CROWN "
-            f"back-substitutes every neuron IBP cannot prove stable, about a minute per sample at 103,488 ReLUs when "
-            f"that is most of them (2 threads). Use ibp or crown-ibp, or raise the limit (0: none)")
+            f"back-substitutes the neurons its forward bounds leave unstable, about 25 s per bound at 172,480 ReLUs "
+            f"(2 threads). Use ibp or crown-ibp, or raise the limit (0: none)")
 
 
 # CROWN's coefficient matrices grow with (samples at once) x (ReLU neurons bounded): above this
@@ -237,7 +242,7 @@ def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
 def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
                    methods: Sequence[str], indices: Optional[Sequence[int]] = None,
                    falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-                   milp_max_relus: int = 2000, crown_max_relus: int = 250000,
+                   milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
                    progress: Optional[Callable[[int], None]] = None,
                    rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
     """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified for an
@@ -270,7 +275,7 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
             methods: Sequence[str] = CASCADE_ORDER, indices: Optional[Sequence[int]] = None,
             falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-            milp_max_relus: int = 2000, crown_max_relus: int = 250000,
+            milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
             progress: Optional[Callable[[int], None]] = None,
             rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
     """Cheap methods first, each on the samples still undecided; one final result per sample,
@@ -352,17 +357,18 @@ def milp_radius(model: nn.Module, x: torch.Tensor, y: int, *, eps_max: float, st
 def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", methods: Sequence[str],
           eps_max: float = 0.5, steps: int = 12, eps_min: float = 0.0, indices: Optional[Sequence[int]] = None,
           falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-          milp_max_relus: int = 2000, crown_max_relus: int = 250000,
+          milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
           progress: Optional[Callable[[int], None]] = None,
           attack_upper: Optional[torch.Tensor] = None) -> List[SampleResult]:
-    """Certified radius per sample and method (batched bisection; per-sample MILP bisection for
-    milp), each attacked at its radius by the guard. Radii are within ``eps_max / 2**steps`` below
-    the bisection limit of the method.
+    """Certified radius per sample and method, each attacked at its radius by the guard: for crown and
+    alpha-crown on the tape engine a root search on the margin curve (``verifiers.radius.crown_radius``: within
+    1% below the smallest eps a pass failed at); for the others a batched bisection (per-sample MILP
+    bisection for milp), within ``eps_max / 2**steps`` below the bisection limit of the method.
 
     With a falsifier, every method bisects below each sample's attack radius (``attack_upper``, or
     computed here by ``attack_radius``): no sound radius exceeds it, so the bisection resolves finer
     and never bounds at an eps an attack already broke (the costliest probes of full CROWN)."""
-    from verifiers.radius import certified_radius
+    from verifiers.radius import crown_radius
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     with torch.no_grad():
@@ -388,17 +394,14 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
                 if progress is not None:
                     progress(1)
             radius = torch.tensor(values, device=x.device, dtype=x.dtype)
+        elif REGISTRY[method].bound is not None and uses_tape(model, REGISTRY[method].bound):
+            try:  # full CROWN: a root search on the margin curve, far fewer passes than bisection
+                radius, _ = crown_radius(model, x, y, norm=norm, upper=upper, eps_min=eps_min,
+                                         options=tape_options(REGISTRY[method].bound), progress=progress)
+            except UnsupportedModelError:  # a graph the tape cannot trace: bisection on auto_LiRPA
+                radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, batch_size, progress)
         else:
-            parts = []
-            step = method_batch_size(model, x, method, batch_size)
-            for start in range(0, len(x), step):
-                part = slice(start, start + step)
-                parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=upper[part],
-                                              steps=steps, eps_min=eps_min,
-                                              attacked=None if attacked is None else attacked[part]))
-                if progress is not None:
-                    progress(len(x[part]))
-            radius = torch.cat(parts)
+            radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, batch_size, progress)
         seconds = (time.perf_counter() - began) / max(len(x), 1)
         guard(model, x, y, radius, radius > 0, method, indices, falsifier)
         for i in range(len(x)):
@@ -406,6 +409,20 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
             results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method,
                                         Status.CERTIFIED if r > 0 else Status.UNKNOWN, None, r, seconds))
     return results
+
+
+def _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, batch_size, progress) -> torch.Tensor:
+    """Radii (B,) by ``verifiers.radius.certified_radius``'s bisection, in batches the method can afford."""
+    from verifiers.radius import certified_radius
+    parts = []
+    step = method_batch_size(model, x, method, batch_size)
+    for start in range(0, len(x), step):
+        part = slice(start, start + step)
+        parts.append(certified_radius(model, x[part], y[part], norm=norm, method=method, eps_max=upper[part],
+                                      steps=steps, eps_min=eps_min, attacked=None if attacked is None else attacked[part]))
+        if progress is not None:
+            progress(len(x[part]))
+    return torch.cat(parts)
 
 
 def attack_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, falsifier: Falsifier, *, eps_max: float,

@@ -245,6 +245,14 @@ def test_bounds_are_computed_without_tf32_and_the_settings_are_restored(net, x, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(lirpa.BoundedModule, "compute_bounds", observed)
+    from verifiers import crown
+    tape = crown.linear_bound  # crown and alpha-crown may run on the tape engine instead
+
+    def observed_tape(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return tape(*args, **kwargs)
+
+    monkeypatch.setattr(crown, "linear_bound", observed_tape)
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
