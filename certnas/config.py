@@ -106,8 +106,9 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
 # today's default): a model trained before ``head_grid`` existed has DARTS' global average pooling.
 # SearchConfig.radius_min (added with the log-space radius form): no committed stage searched with the
 # radius form, so every earlier search keeps its key at today's value. SearchConfig.a_lr_schedule / a_lr_min:
-# every search before them kept the architecture learning rate constant.
-FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1},
+# every search before them kept the architecture learning rate constant. VerifyConfig.at_eps: every verification
+# before it bounded each method at eps.
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "VerifyConfig": {"at_eps": True},
                        "SearchConfig": {"radius_min": 1e-6, "a_lr_schedule": "constant", "a_lr_min": 0.0}}
 
 

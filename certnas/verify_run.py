@@ -36,7 +36,10 @@ class VerifyConfig:
     eps: float = eps_setting(2 / 255, "2/255")
     norm: str = norm_setting()
     n: int = samples_setting()
-    radius: bool = setting(False, "Also the certified radius per sample and method (batched bisection).", kind="flag")
+    radius: bool = setting(False, "Also the certified radius per sample and method (crown, alpha-crown: a root search "
+                                  "on the margin curve; the others: bisection).", kind="flag")
+    at_eps: bool = setting(True, "Bound each method at --eps. --no-at-eps with --radius: the accuracy at --eps is read "
+                                 "off the radii (radius >= eps), one bound pass per sample less.")
     radius_max: Optional[float] = setting(None, "Upper end of the radius search (default 0.5 L-inf, 5 L2).", kind="eps")
     radius_steps: int = setting(12, "Bisection steps: radii are within radius-max / 2**steps.")
     radius_min: float = setting(0.0, "> 0: bisect in log space on [radius-min, radius-max] (radii spanning many orders "
@@ -59,6 +62,11 @@ class VerifyConfig:
             parse_methods(",".join(self.methods))
         if self.eps < 0 or (self.radius_max is not None and self.radius_max <= 0):
             raise ConfigError("eps must be >= 0 and radius_max > 0")
+        if self.radius_min < 0 or self.radius_min >= self.eps_max:
+            raise ConfigError(f"--radius-min must lie in [0, --radius-max {self.eps_max:g}), got {self.radius_min:g}")
+        if not self.at_eps and (not self.radius or self.methods == ("all",)):
+            raise ConfigError("--no-at-eps needs --radius and a list of methods (the accuracy at --eps is then read "
+                              "off the radii; the cascade decides at --eps)")
         for name in ("radius_steps", "pgd_steps", "pgd_restarts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,9 +178,9 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
                if run_cascade and not crown_feasible(model, example, m, config.crown_max_relus)}
     skipped.update({m: "milp needs a small ReLU MLP and the L-inf norm" for m in methods if run_cascade and m == "milp"
                     and not milp_supported(model, example.shape[1:], parse_norm(config.norm), config.milp_max_relus)})
-    total = len(x) * (1 + len(methods) * (1 + int(config.radius)))
+    total = len(x) * (1 + len(methods) * (int(config.at_eps) + int(config.radius)))
     with tqdm(total=total, desc="verify", disable=quiet, leave=False) as bar:
-        if len(x) == 0:
+        if len(x) == 0 or not config.at_eps:
             pass
         elif run_cascade:
             results = cascade(model, x, y, config.eps, norm=config.norm, methods=methods, progress=bar.update,
@@ -232,6 +240,13 @@ def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[Sha
                              "certified_by": {m: sum(r["method"] == m for r in certified) for m in methods}})
     else:
         for method in methods:
+            if not config.at_eps:  # read off the radii: certified at eps where the radius reaches it
+                mine = [r for r in rows if r["mode"] == "radius" and r["method"] == method]
+                summary_rows.append({"method": method, "from_radius": True,
+                                     "accuracy": sum(r["radius"] >= config.eps > 0 or (r["radius"] > 0 and
+                                                     config.eps == 0) for r in mine) / n,
+                                     "seconds_per_sample": None})
+                continue
             mine = [r for r in rows if r["mode"] == "eps" and r["method"] == method]
             seconds = [r["seconds"] for r in mine if r["seconds"] is not None]
             summary_rows.append({"method": method,

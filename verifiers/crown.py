@@ -89,6 +89,7 @@ class LinearBound:
     unstable: torch.Tensor
     backsubstituted_rows: int = 0
     relu_bounds: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per ReLU, in order: (lower, upper)
+    plan: Optional[List[bool]] = None  # per ReLU: whether every neuron left unstable was back-substituted
 
     def lower_at(self, eps: torch.Tensor) -> torch.Tensor:
         """(B, S) lower bounds over the balls of radii ``eps`` (B,); sound where eps <= the computed radius."""
@@ -294,18 +295,9 @@ def _forward_step(node: Node, states: Dict[Node, State], batch: int, size: int) 
 def _forward_relu(state: State, relaxation: ReluRelaxation) -> State:
     """Forward-mode bounds through a relaxed ReLU: lower slope * L, upper slope * U + intercept."""
     Lw, Lb, Uw, Ub = state
-    lower_slope, upper_slope, intercept = _dense_relaxation(relaxation, Lb.shape)
+    lower_slope, upper_slope, intercept = relaxation.dense()
     return (Lw * lower_slope.unsqueeze(1), Lb * lower_slope, Uw * upper_slope.unsqueeze(1),
             Ub * upper_slope + intercept)
-
-
-def _dense_relaxation(relaxation: ReluRelaxation, shape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch = shape[0]
-    passes = relaxation.passes.expand(shape).reshape(batch, -1)
-    lower = passes.index_copy(1, relaxation.unstable, relaxation.lower_slope)
-    upper = passes.index_copy(1, relaxation.unstable, relaxation.upper_slope)
-    intercept = torch.zeros_like(passes).index_copy(1, relaxation.unstable, relaxation.upper_intercept)
-    return lower.view(shape), upper.view(shape), intercept.view(shape)
 
 
 def _forward_bounds(state: State, perturbation: Perturbation, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -341,20 +333,22 @@ def _backward_bounds(node: Node, index: torch.Tensor, perturbation: Perturbation
     return torch.cat(lowers, 1), torch.cat(uppers, 1)
 
 
-def _tighten(node: Node, lower: torch.Tensor, upper: torch.Tensor, exact: bool,
-             perturbation: Perturbation, x: torch.Tensor, options: CrownOptions) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """The pre-activation bounds of a ReLU after back-substituting its unstable neurons as the options say;
-    returns (lower, upper, rows back-substituted). node: the ReLU's input; exact: the bounds given are
-    already the best back-substitution could give (forward-mode bounds with no ReLU before the node)."""
+def _tighten(node: Node, lower: torch.Tensor, upper: torch.Tensor, exact: bool, perturbation: Perturbation,
+             x: torch.Tensor, options: CrownOptions,
+             decided: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """The pre-activation bounds of a ReLU after back-substituting its unstable neurons as the options say (or,
+    where ``decided`` is given, all of them or none); returns (lower, upper, rows back-substituted, whether all
+    were). node: the ReLU's input; exact: the bounds given are already the best back-substitution could give
+    (forward-mode bounds with no ReLU before the node)."""
     batch = lower.shape[0]
     flat_l, flat_u = lower.reshape(batch, -1), upper.reshape(batch, -1)
     open_ = (flat_l < 0) & (flat_u > 0)
     index = open_.any(0).nonzero().flatten()
-    if not len(index) or exact or options.backsubstitution == "none":
-        return lower, upper, 0
+    if not len(index) or exact or options.backsubstitution == "none" or decided is False:
+        return lower, upper, 0, False
     flat_l, flat_u = flat_l.clone(), flat_u.clone()
     todo, done = index, 0
-    if options.backsubstitution == "adaptive" and len(index) > 2 * options.probe_rows:
+    if decided is None and options.backsubstitution == "adaptive" and len(index) > 2 * options.probe_rows:
         generator = torch.Generator().manual_seed(len(index))
         order = torch.randperm(len(index), generator=generator).to(index.device)
         probe, todo = index[order[:options.probe_rows]], index[order[options.probe_rows:]]
@@ -363,11 +357,11 @@ def _tighten(node: Node, lower: torch.Tensor, upper: torch.Tensor, exact: bool,
         done = len(probe)
         gain = 1.0 - float((flat_u[:, probe] - flat_l[:, probe]).sum() / before.clamp_min(1e-30))
         if gain < options.min_gain:
-            todo = todo[:0]
+            return flat_l.view_as(lower), flat_u.view_as(upper), done, False
     if len(todo):
         _intersect(flat_l, flat_u, todo, *_backward_bounds(node, todo, perturbation, x, batch, options.chunk_rows))
         done += len(todo)
-    return flat_l.view_as(lower), flat_u.view_as(upper), done
+    return flat_l.view_as(lower), flat_u.view_as(upper), done, True
 
 
 def _intersect(flat_l, flat_u, index, lower, upper) -> None:
@@ -379,15 +373,17 @@ def _intersect(flat_l, flat_u, index, lower, upper) -> None:
 
 def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, spec: torch.Tensor, *,
                  options: CrownOptions = CrownOptions(),
-                 prior: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> LinearBound:
+                 prior: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 plan: Optional[List[bool]] = None) -> LinearBound:
     """Full-CROWN linear lower bound of ``spec . model(x')`` over the perturbation around x.
 
     x: (B, ...); spec: (B, S, K) rows of the specification (e.g. ``e_y - e_j`` for margins). The model runs
     as it is (eval mode for verification). Computed without autograd.
     prior: ``relu_bounds`` of an earlier call on the same model and x over a perturbation that contains this
     one (a ball of the same norm and no smaller radius): sound here too, they start each ReLU's bounds, so
-    fewer neurons are unstable and back-substitution pays off less often (the radius search's probes below a
-    failed one)."""
+    fewer neurons are unstable and fewer rows are back-substituted. plan: per ReLU, whether to back-substitute
+    every neuron left unstable (True) or none (False) instead of deciding by a sample (the ``plan`` of that
+    earlier call: the radius search's probes below a failed one replay its decisions on its bounds)."""
     if spec.dim() != 3 or spec.shape[0] != x.shape[0]:
         raise BoundInputError(f"spec must be (B, S, K) with B = {x.shape[0]}, got {tuple(spec.shape)}")
     with torch.no_grad():
@@ -406,8 +402,10 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
         unstable = torch.zeros(batch, dtype=torch.long, device=x.device)
         rows = 0
         found: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        if prior is not None and len(prior) != sum(n.kind == "relu" for n in nodes):
-            raise BoundInputError("prior: bounds of another network (the number of ReLU nodes differs)")
+        relus = sum(n.kind == "relu" for n in nodes)
+        if (prior is not None and len(prior) != relus) or (plan is not None and len(plan) != relus):
+            raise BoundInputError("prior / plan: of another network (the number of ReLU nodes differs)")
+        decisions: List[bool] = []
         for node in nodes:
             relu_before[node] = any(relu_before[p] or p.kind == "relu" for p in node.parents)
             if node.kind == "relu":
@@ -421,8 +419,10 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
                     lower, upper = torch.maximum(lower, forward_lower), torch.minimum(upper, forward_upper)
                 # forward-mode bounds of a neuron with no ReLU before it are exact: nothing to back-substitute
                 exact = use_forward and not relu_before[parent]
-                lower, upper, done = _tighten(parent, lower, upper, exact, perturbation, x, options)
+                lower, upper, done, decision = _tighten(parent, lower, upper, exact, perturbation, x, options,
+                                                        None if plan is None else plan[len(found)])
                 rows += done
+                decisions.append(decision)
                 relaxation = ReluRelaxation.from_bounds(lower, upper)
                 node.data.update(lower=lower, upper=upper, relaxation=relaxation)
                 found.append((lower, upper))
@@ -446,7 +446,7 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
         lower = perturbation.minimum(A, bias, x)
         if options.output_alpha_steps:
             A, bias, lower = _optimise_output_slopes(output, nodes, spec, perturbation, x, options, A, bias, lower)
-    return LinearBound(A, bias, x, perturbation, lower, unstable, rows, found)
+    return LinearBound(A, bias, x, perturbation, lower, unstable, rows, found, decisions)
 
 
 def _optimise_output_slopes(output: Node, nodes: List[Node], spec: torch.Tensor, perturbation: Perturbation,

@@ -91,7 +91,7 @@ class RadiusSearch:
     radius found so far: on a trained network CROWN radii vary far less between samples than attack radii)."""
     relative_tolerance: float = 0.01
     max_probes: int = 10
-    first_fraction: float = 1 / 16
+    first_fraction: float = 1 / 64
 
     def __post_init__(self):
         if not 0 < self.relative_tolerance < 1 or self.max_probes < 1 or not 0 < self.first_fraction <= 1:
@@ -152,9 +152,10 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
     margin above float32 rounding (``verifiers.rounding``'s tolerance), or one read off the linear bound of a
     pass at a larger eps (the same bound holds on every smaller ball): sound whatever the search does. Each pass
     is a probe; the next probe is the root of a quadratic through the clean margin and the probes nearest the
-    bracket [largest certified, smallest failed]. (A probe could start from the ReLU bounds of a failed probe
-    above it, which hold on its smaller ball, but then back-substitution rarely seems to pay and its margins come
-    out low near the root: the search crept down in 6-8 cheap probes.) The search stops when the certified radius is within ``relative_tolerance`` of the failed one (or
+    bracket [largest certified, smallest failed]. A probe below a failed one starts from that probe's ReLU bounds
+    (they hold on its smaller ball: the neurons they prove stable need no back-substitution) and replays its
+    per-layer decisions (letting the sampled gain decide anew made it skip back-substitution that mattered: its
+    margins came out low near the root and the search crept down in 6-8 cheap probes). The search stops when the certified radius is within ``relative_tolerance`` of the failed one (or
     when the upper limit is certified, or after ``max_probes``). 0 where even eps_min is not certified.
     ``progress(1)`` is called after each sample."""
     import time
@@ -181,9 +182,13 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
         trace = RadiusTrace(0.0, high, [(0.0, clean)])
         if clean > 0 and high > 0:
             low = 0.0
-            probe = min(high, sorted(found)[len(found) // 2] if found else high * search.first_fraction)
+            # a little above the radius expected: probes below a failed one replay its bounds and cost less
+            probe = min(high, 1.05 * sorted(found)[len(found) // 2] if found else high * search.first_fraction)
+            failed = None  # (eps, ReLU bounds, plan) of the smallest failed probe
             for _ in range(search.max_probes):
-                bound = linear_bound(model, xi, Perturbation.ball(norm, probe, xi), spec, options=options)
+                replay = failed is not None and probe <= failed[0]
+                bound = linear_bound(model, xi, Perturbation.ball(norm, probe, xi), spec, options=options,
+                                     prior=failed[1] if replay else None, plan=failed[2] if replay else None)
                 margin = float(bound.lower.min()) - tol
                 trace.probes.append((probe, margin))
                 trace.probe_seconds.append(time.perf_counter() - began - sum(trace.probe_seconds))
@@ -191,6 +196,7 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
                     low = max(low, probe)
                 else:
                     high = probe
+                    failed = (probe, bound.relu_bounds, bound.plan)
                     low = max(low, float(bound.largest_eps(torch.tensor([tol], dtype=x.dtype))[0]))
                 if low >= (1 - search.relative_tolerance) * high or low >= float(limit[i]):
                     break

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from benchmarks.common import cached, cached_stage, config_hash, evaluated, stage_settings
+from benchmarks.common import cached, cached_stage, config_hash, evaluated, model_digest, stage_settings
 from benchmarks.paper.scales import ROWS, Scale
 from certnas.attack_eval import AttackConfig, run_attacks
 from certnas.search import SearchConfig, search
@@ -31,6 +31,13 @@ def former_search_key(config: SearchConfig) -> Optional[str]:
     settings = {k: v for k, v in stage_settings(config).items() if k not in _ADDED_SINCE_CPU_TABLES}
     settings["w_lr"] = weights.lr
     return config_hash("search", settings)
+
+
+def _model_key(model: Path) -> str:
+    """What an evaluation stage's key names its model by: the digest its train stage recorded, so that rows
+    whose searches derived the same cell train the same network (same seed and settings: bit-identical) and
+    share one attack and one verify stage (else the train stage's folder)."""
+    return model_digest(model.parent) or model.parent.name
 
 
 class Pipeline:
@@ -98,7 +105,7 @@ class Pipeline:
         return self._attack_stage(config, model)
 
     def _attack_stage(self, config: AttackConfig, model: Path) -> Dict[str, Any]:
-        folder = self._stage("attack", config_hash("attack", asdict(config), model.parent.name), "attack.json",
+        folder = self._stage("attack", config_hash("attack", asdict(config), _model_key(model)), "attack.json",
                              lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet), model)
         return json.loads((folder / "attack.json").read_text())
 
@@ -108,13 +115,14 @@ class Pipeline:
         """Verified accuracy at the scale's eps and certified radii of ``methods`` on ``n`` (default
         ``verify_n``) test samples; with ``crown`` in ``methods``, no network size limit applies.
         ``cached_only``: None unless the stage is already in the cache."""
-        config = VerifyConfig(methods=tuple(methods), eps=self.scale.verify_eps[dataset][norm], norm=norm,
-                              n=self.scale.verify_n if n is None else n,
+        crown = "crown" in methods  # radii only, its accuracy read off them at crown_verify_eps
+        config = VerifyConfig(methods=tuple(methods), norm=norm, n=self.scale.verify_n if n is None else n,
+                              eps=(self.scale.crown_verify_eps if crown else self.scale.verify_eps)[dataset][norm],
                               radius=True, radius_max=self.scale.radius_max[norm], radius_steps=self.scale.radius_steps,
                               radius_min=self.scale.radius_min,
                               pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset),
-                              device=device or self.device, **({"crown_max_relus": 0} if "crown" in methods else {}))
-        key = config_hash("verify", asdict(config), model.parent.name)
+                              device=device or self.device, **({"crown_max_relus": 0, "at_eps": False} if crown else {}))
+        key = config_hash("verify", asdict(config), _model_key(model))
         if cached_only:
             folder = cached(self.cache, "verify", key, "verify.json", evaluated(model))
             if folder is None:
@@ -122,7 +130,10 @@ class Pipeline:
         else:
             folder = self._stage("verify", key, "verify.json",
                                  lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet), model)
-        return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv"}
+        stamp = folder / "stage.json"
+        seconds = json.loads(stamp.read_text()).get("seconds") if stamp.is_file() else None
+        return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv",
+                "seconds": seconds}
 
     def transfer(self, row: str, seed: int) -> Dict[str, Any]:
         """The row's CIFAR-10 cell trained on ImageNet, then FGSM / PGD at the scale's ImageNet eps."""
@@ -168,6 +179,8 @@ class Pipeline:
                 record[f"radius_{norm}"]["crown"] = crown["summary"]["radius"]["crown"]
                 record[f"crown_csv_{norm}"] = str(crown["csv"].relative_to(self.out))
                 record["crown_n"] = self.scale.crown_n
+                record[f"crown_eps_{norm}"] = self.scale.crown_verify_eps[dataset][norm]
+                record[f"crown_seconds_{norm}"] = crown["seconds"]
             record[f"verify_eps_{norm}"] = self.scale.verify_eps[dataset][norm]
             record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
         return record

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<scale>")
     parser.add_argument("--crown-n", type=int, default=None,
                         help="test samples with a full-CROWN radius (the first of the verify samples; default: the "
-                             "scale's, 0 at cpu scale, where CROWN costs minutes per sample); 0: none")
+                             "scale's, 8 at cpu scale, about a minute per sample and norm on 2 cores); 0: none")
     parser.add_argument("--crown-device", default=None,
                         help="device of the full-CROWN stage only (default: --device), e.g. cuda to add the CROWN "
                              "column to tables whose other stages ran on a CPU")
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                        pipeline.record(row, dataset, seed, attacks=any(t.startswith("game") for t in tables)))
         atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
     note = (f"Scale `{scale.name}`; {args.seeds} seed(s); mean ± std over seeds (sample std). Values in the "
-            f"'reported by others' columns come from ../shared/paper_reported.md (the paper's setting, not ours).")
+            f"'reported by others' columns come from benchmarks/paper/reported.md (the paper's setting, not ours).")
     for dataset in ("mnist", "cifar10"):
         reason = datasets[dataset]
         title_data = "MNIST" if dataset == "mnist" else "CIFAR-10"
@@ -123,16 +123,19 @@ def main(argv=None) -> int:
         if "certified" in tables:
             write_table(certified_table(records, dataset, out), out, f"certified_{dataset}",
                         f"Certified lower bounds, {title_data}",
-                        note + f" Certified radius per sample (bisection, {scale.radius_steps} steps, "
+                        note + f" Certified radius per sample (IBP, CROWN-IBP: bisection, {scale.radius_steps} steps, "
                         f"{scale.verify_n} test samples; "
-                        + (f"full CROWN on the first {scale.crown_n} of them"
+                        + (f"full CROWN on the first {scale.crown_n} of them, by a root search within 1% of the "
+                           f"smallest eps a CROWN pass failed at (verifiers.radius.crown_radius)"
                            + (f", seed{'s' if crown_seeds > 1 else ''} 0{f'-{crown_seeds - 1}' if crown_seeds > 1 else ''} only"
                               if crown_seeds < args.seeds else "")
                            + ("; only where its stage finished, n/a elsewhere" if args.crown_cached_only else "")
                            + "), " if scale.crown_n else
                            "full CROWN not run: n/a, see --crown-n), ")
                         + "mean / median. The PGD radius is an upper bound. Verified accuracy "
-                        "is the share of samples whose best certified radius reaches the eps.")
+                        "is the share of samples whose best certified radius reaches the eps; the CROWN column's, "
+                        "of the CROWN samples whose CROWN radius reaches its own, smaller eps (at the table's eps "
+                        "CROWN certifies none of these standard-trained networks).")
             figures(records, out, dataset)
         if "search-cost" in tables:
             write_table(cost_table(records, dataset), out, f"search_cost_{dataset}", f"Search cost, {title_data}",

@@ -15,7 +15,7 @@ ROWS: Dict[str, Dict[str, Any]] = {
 }
 TABLES = ("game-mnist", "game-cifar10", "clean", "certified", "search-cost", "imagenet")
 
-# Published numbers, as reported by others (../shared/paper_reported.md): (table, dataset, row, column) -> value
+# Published numbers, as reported by others (benchmarks/paper/reported.md): (table, dataset, row, column) -> value
 REPORTED = {
     ("game", "cifar10", "DSRNA-Combined", "PGD-100"): 60.71, ("game", "cifar10", "DSRNA-Combined", "FGSM"): 70.32,
     ("game", "cifar10", "DSRNA-Combined", "C&W"): 64.76, ("game", "cifar10", "DSRNA-Combined", "AutoAttack (L2)"): 64.51,
@@ -49,9 +49,13 @@ class Scale:
     # would certify rounding, not robustness.
     radius_min: float = 1e-6
     # Full CROWN's certified radius on the first crown_n of the verify_n samples (a subset: the same
-    # seeded draw), a stage of its own: on standard-trained networks CROWN costs 10-60 s per bound on a
-    # CPU, so it runs on fewer samples than IBP / CROWN-IBP. 0: no CROWN column (cpu scale: --crown-n).
+    # seeded draw), a stage of its own (verifiers.radius.crown_radius: about a minute per sample and norm on 2
+    # CPU cores at cpu scale), so it runs on fewer samples than IBP / CROWN-IBP. 0: no CROWN column.
     crown_n: int = 0
+    # The eps at which the CROWN column's verified accuracy is read off its radii: where CROWN certifies some
+    # samples of a standard-trained network and not all (verify_eps is far above its radii).
+    crown_verify_eps: Dict[str, Dict[str, float]] = field(
+        default_factory=lambda: {"mnist": {"inf": 0.002, "2": 0.005}, "cifar10": {"inf": 0.25 / 255, "2": 0.005}})
     # ImageNet transfer: the CIFAR-10 cell trained on ImageNet. image_size, attack eps (L-inf, pixels)
     # and the training settings that differ from ``train``.
     imagenet: Dict[str, Any] = field(default_factory=lambda: {"image_size": 32, "eps": 1 / 255, "train": {}})
@@ -75,7 +79,7 @@ SCALES = {
                  train={"head_grid": 1, "layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000,
                         "stem": "cifar"},
                  attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
-                 verify_pgd_steps=10,
+                 verify_pgd_steps=10, crown_n=8,
                  eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                  verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
                  # Downsampled (32x32) ImageNet, as in Chrabaszcz et al. 2017, on a 10,000-image subset.

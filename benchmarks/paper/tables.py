@@ -81,6 +81,10 @@ def certified_table(records: List[Dict], dataset: str, out_folder: Path):
             line[f"{label} PGD radius (upper) mean"] = _mean_std_sci([u["mean"] for u in upper])
             line[f"{label} verified acc. % at eps {mine[0][f'verify_eps_{norm}']:g} (best method)"] = _mean_std(
                 [_verified_at(r, norm, out_folder) for r in mine], 100)
+            crown_eps = [r.get(f"crown_eps_{norm}") for r in mine if r.get(f"crown_csv_{norm}")]
+            if crown_eps:
+                line[f"{label} CROWN verified acc. % at eps {crown_eps[0]:g}"] = _mean_std(
+                    [_crown_verified_at(r, norm, out_folder) for r in mine if r.get(f"crown_csv_{norm}")], 100)
         _add_reported(line, ("certified", dataset, row, "L2 mean"), "L2 mean, reported by others")
         out.append(line)
     return pd.DataFrame(out)
@@ -94,6 +98,14 @@ def _verified_at(record: Dict, norm: str, out: Path) -> float:
     rows = rows[(rows["mode"] == "radius") & (rows["method"].isin(["ibp", "crown-ibp", "crown"]))]
     best = rows.groupby("index")["radius"].max()
     return float((best >= record[f"verify_eps_{norm}"]).mean())
+
+
+def _crown_verified_at(record: Dict, norm: str, out: Path) -> float:
+    """Fraction of the CROWN samples whose CROWN radius reaches the CROWN column's eps."""
+    import pandas as pd
+    rows = pd.read_csv(out / record[f"crown_csv_{norm}"])
+    rows = rows[(rows["mode"] == "radius") & (rows["method"] == "crown")]
+    return float((rows["radius"] >= record[f"crown_eps_{norm}"]).mean())
 
 
 def cost_table(records: List[Dict], dataset: str):
