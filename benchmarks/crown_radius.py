@@ -22,7 +22,7 @@ from benchmarks.common import environment, print_table, write_json
 from certnas.data import load_data
 from certnas.io import ModelFileError, load_model_with_meta
 from certnas.verify_run import VerifyConfig, falsifier_for
-from verifiers.verify import METHODS, attack_radius, radii
+from verifiers.verify import METHODS, VerifyOptions, attack_radius, radii
 
 
 def main(argv=None) -> dict:
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         for method in methods:
             began = time.perf_counter()
             found = radii(model, x, y, methods=[method], eps_max=args.eps_max, steps=args.steps, eps_min=args.eps_min,
-                          falsifier=falsifier, attack_upper=upper, crown_max_relus=0)
+                          falsifier=falsifier, attack_upper=upper, options=VerifyOptions(crown_max_relus=0))
             row[method], row[f"{method} s"] = found[0].radius, round(time.perf_counter() - began, 1)
         rows.append(row)
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)

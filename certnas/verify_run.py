@@ -22,8 +22,8 @@ from certnas.distributed import World
 from certnas.evaluation import predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
 from verifiers.bounds import parse_norm
-from verifiers.verify import (CROWN_MAX_RELUS, METHODS, Status, attack_radius, cascade, crown_feasible, milp_supported, parse_methods,
-                              radii, summarize, verify_methods)
+from verifiers.verify import (CROWN_MAX_RELUS, METHODS, Status, VerifyOptions, attack_radius, cascade, parse_methods,
+                              radii, summarize, unsupported_reason, verify_methods)
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,10 @@ class VerifyConfig:
     milp_time_limit: float = setting(60.0, "Seconds per MILP solve (one per other class); a timeout counts as not "
                                            "certified.")
     milp_max_relus: int = 2000
-    crown_max_relus: int = setting(CROWN_MAX_RELUS, "Largest network (ReLU neurons) crown / alpha-crown are run on "
-                                                    "(their cost grows with it; 0: no limit).")
+    crown_max_relus: int = setting(CROWN_MAX_RELUS, "Largest network (ReLU neurons) crown / alpha-crown / bab are run "
+                                                    "on (their cost grows with it; 0: no limit).")
+    bab_time_limit: float = setting(30.0, "Seconds of branch and bound per sample (method bab; in the cascade, for the "
+                                          "samples the bounds leave open).")
     data: Optional[str] = data_setting(None)
     data_root: Optional[str] = data_root_setting()
     seed: int = seed_setting()
@@ -71,6 +73,12 @@ class VerifyConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
+
+    def options(self) -> VerifyOptions:
+        """The runners' options (``verifiers.verify.VerifyOptions``) these settings give."""
+        return VerifyOptions(batch_size=self.batch_size, milp_time_limit=self.milp_time_limit,
+                             milp_max_relus=self.milp_max_relus, crown_max_relus=self.crown_max_relus,
+                             bab_time_limit=self.bab_time_limit)
 
     @property
     def eps_max(self) -> float:
@@ -161,9 +169,7 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
     all_indices = evaluation.indices.tolist()
     indices = [all_indices[p] for p in positions]
     falsifier = falsifier_for(model, config)
-    common = dict(indices=indices, falsifier=falsifier, batch_size=config.batch_size,
-                  milp_time_limit=config.milp_time_limit, milp_max_relus=config.milp_max_relus,
-                  crown_max_relus=config.crown_max_relus)
+    common = dict(indices=indices, falsifier=falsifier, options=config.options())
     run_cascade = config.methods == ("all",)
     methods = list(METHODS) if run_cascade else list(config.methods)
     clean = (predict(model, x) == y)
@@ -174,10 +180,8 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
     rounding: Dict[str, Dict[str, int]] = {}
     # methods the cascade leaves out on this model (explicitly listed ones raise instead)
     example = evaluation.x[:1]
-    skipped = {m: "network too large for matrix-mode CROWN" for m in methods
-               if run_cascade and not crown_feasible(model, example, m, config.crown_max_relus)}
-    skipped.update({m: "milp needs a small ReLU MLP and the L-inf norm" for m in methods if run_cascade and m == "milp"
-                    and not milp_supported(model, example.shape[1:], parse_norm(config.norm), config.milp_max_relus)})
+    reasons = {m: unsupported_reason(model, example, m, parse_norm(config.norm), config.options()) for m in methods}
+    skipped = {m: reason for m, reason in reasons.items() if run_cascade and reason is not None}
     total = len(x) * (1 + len(methods) * (int(config.at_eps) + int(config.radius)))
     with tqdm(total=total, desc="verify", disable=quiet, leave=False) as bar:
         if len(x) == 0 or not config.at_eps:
@@ -191,7 +195,7 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
                                      progress=bar.update, rounding=rounding, **common)
             rows += [{**r.row(), "mode": "eps"} for r in results]
         if config.radius and len(x):
-            radius_methods = [m for m in methods if m not in skipped]
+            radius_methods = [m for m in methods if m not in skipped and m != "bab"]  # bab decides at one eps
             upper = attack_radius(model, x, y, falsifier, eps_max=config.eps_max, steps=config.radius_steps)
             found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
                           steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update,
@@ -260,7 +264,7 @@ def _summary(config: VerifyConfig, model_path: Path, evaluation, parts: List[Sha
                 total[key] += counts.get(key, 0)
     radius_summary: Dict[str, Any] = {}
     if config.radius:
-        for method in [m for m in methods if m not in skipped] + [f"pgd-{config.pgd_steps}"]:
+        for method in [m for m in methods if m not in skipped and m != "bab"] + [f"pgd-{config.pgd_steps}"]:
             values = [r["radius"] for r in rows if r["mode"] == "radius" and r["method"] == method]
             name = method if not method.startswith("pgd-") else f"{method} (upper)"
             radius_summary[name] = summarize(values)

@@ -40,9 +40,26 @@ class VnnConfig:
         return self
 
 
+def process_started() -> float:
+    """When this process started, as a ``time.perf_counter()`` reading (Linux: from /proc; elsewhere: now), so
+    that a deadline counts the interpreter's start-up and imports, as VNN-COMP's timeouts do."""
+    import os
+    import time
+    try:
+        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        age = max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        age = 0.0
+    return time.perf_counter() - age
+
+
 def run_vnnlib(config: VnnConfig, model_path: Path, vnnlib_path: Path, result_file: Optional[Path] = None,
-               log: Optional[Callable[[str], None]] = None) -> VnnResult:
-    """Decide the property; write the VNN-COMP result file when ``result_file`` is given."""
+               log: Optional[Callable[[str], None]] = None, began: Optional[float] = None) -> VnnResult:
+    """Decide the property; write the VNN-COMP result file when ``result_file`` is given. The timeout counts
+    from ``began`` (a ``time.perf_counter()`` reading; default: now), start-up included."""
+    import time
+    began = time.perf_counter() if began is None else began
     config.validate()
     prop = parse_vnnlib(vnnlib_path)
     confirm = None
@@ -67,7 +84,7 @@ def run_vnnlib(config: VnnConfig, model_path: Path, vnnlib_path: Path, result_fi
     model = model.to(config.device).eval()
     result = check_property(model, prop, shape, timeout=config.timeout, methods=config.methods,
                             restarts=config.restarts, steps=config.steps, seed=config.seed, confirm=confirm,
-                            milp_max_relus=config.milp_max_relus, log=log)
+                            milp_max_relus=config.milp_max_relus, log=log, began=began)
     if result_file is not None:
         atomic_write_text(Path(result_file), result.result_text())
     return result

@@ -43,7 +43,7 @@ from verifiers.interval import Interval, Node, ReluRelaxation, _expand_like, bac
 from verifiers.perturbation import Norm, Perturbation
 from verifiers.rewrite import sound_view
 
-__all__ = ["CrownOptions", "LinearBound", "linear_bound", "trace"]
+__all__ = ["CrownOptions", "LinearBound", "Tape", "bounded_tape", "linear_bound", "trace"]
 
 
 @dataclass(frozen=True)
@@ -371,21 +371,30 @@ def _intersect(flat_l, flat_u, index, lower, upper) -> None:
 
 # ---------------------------------------------------------------- the public call
 
-def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, spec: torch.Tensor, *,
+@dataclass
+class Tape:
+    """The model's tape over a perturbation with every ReLU's pre-activation bounds fixed (and relaxed): ready
+    for back-substituting specifications, as often as needed (branch and bound re-relaxes it per subdomain).
+    nodes: in order; relus: the ReLU nodes, in order; rows / plan / unstable: as in :class:`LinearBound`."""
+    output: Node
+    nodes: List[Node]
+    relus: List[Node]
+    x: torch.Tensor
+    perturbation: Perturbation
+    rows: int
+    plan: List[bool]
+    unstable: torch.Tensor
+
+    @property
+    def relu_bounds(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [(n.data["lower"], n.data["upper"]) for n in self.relus]
+
+
+def bounded_tape(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, *,
                  options: CrownOptions = CrownOptions(),
                  prior: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-                 plan: Optional[List[bool]] = None) -> LinearBound:
-    """Full-CROWN linear lower bound of ``spec . model(x')`` over the perturbation around x.
-
-    x: (B, ...); spec: (B, S, K) rows of the specification (e.g. ``e_y - e_j`` for margins). The model runs
-    as it is (eval mode for verification). Computed without autograd.
-    prior: ``relu_bounds`` of an earlier call on the same model and x over a perturbation that contains this
-    one (a ball of the same norm and no smaller radius): sound here too, they start each ReLU's bounds, so
-    fewer neurons are unstable and fewer rows are back-substituted. plan: per ReLU, whether to back-substitute
-    every neuron left unstable (True) or none (False) instead of deciding by a sample (the ``plan`` of that
-    earlier call: the radius search's probes below a failed one replay its decisions on its bounds)."""
-    if spec.dim() != 3 or spec.shape[0] != x.shape[0]:
-        raise BoundInputError(f"spec must be (B, S, K) with B = {x.shape[0]}, got {tuple(spec.shape)}")
+                 plan: Optional[List[bool]] = None) -> Tape:
+    """The tape with full-CROWN bounds on every ReLU's input (see :func:`linear_bound` for prior and plan)."""
     with torch.no_grad():
         out = trace(model, x, perturbation)
         nodes, output = merge_duplicates(out.node)
@@ -401,9 +410,9 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
         relu_before: Dict[Node, bool] = {}
         unstable = torch.zeros(batch, dtype=torch.long, device=x.device)
         rows = 0
-        found: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        relus = sum(n.kind == "relu" for n in nodes)
-        if (prior is not None and len(prior) != relus) or (plan is not None and len(plan) != relus):
+        relus: List[Node] = []
+        count = sum(n.kind == "relu" for n in nodes)
+        if (prior is not None and len(prior) != count) or (plan is not None and len(plan) != count):
             raise BoundInputError("prior / plan: of another network (the number of ReLU nodes differs)")
         decisions: List[bool] = []
         for node in nodes:
@@ -412,7 +421,7 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
                 parent = node.parents[0]
                 lower, upper = node.data["lower"], node.data["upper"]  # IBP on the tape
                 if prior is not None:
-                    known_lower, known_upper = prior[len(found)]
+                    known_lower, known_upper = prior[len(relus)]
                     lower, upper = torch.maximum(lower, known_lower), torch.minimum(upper, known_upper)
                 if use_forward:
                     forward_lower, forward_upper = _forward_bounds(states[parent], perturbation, x)
@@ -420,12 +429,12 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
                 # forward-mode bounds of a neuron with no ReLU before it are exact: nothing to back-substitute
                 exact = use_forward and not relu_before[parent]
                 lower, upper, done, decision = _tighten(parent, lower, upper, exact, perturbation, x, options,
-                                                        None if plan is None else plan[len(found)])
+                                                        None if plan is None else plan[len(relus)])
                 rows += done
                 decisions.append(decision)
                 relaxation = ReluRelaxation.from_bounds(lower, upper)
                 node.data.update(lower=lower, upper=upper, relaxation=relaxation)
-                found.append((lower, upper))
+                relus.append(node)
                 unstable += ((lower < 0) & (upper > 0)).reshape(batch, -1).sum(1)
                 if use_forward:
                     states[node] = _forward_relu(states[parent], relaxation)
@@ -440,13 +449,33 @@ def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
                 remaining[parent] -= 1
                 if remaining[parent] == 0:
                     states.pop(parent, None)
-        states.clear()
+    return Tape(output, nodes, relus, x, perturbation, rows, decisions, unstable)
+
+
+def linear_bound(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, spec: torch.Tensor, *,
+                 options: CrownOptions = CrownOptions(),
+                 prior: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                 plan: Optional[List[bool]] = None) -> LinearBound:
+    """Full-CROWN linear lower bound of ``spec . model(x')`` over the perturbation around x.
+
+    x: (B, ...); spec: (B, S, K) rows of the specification (e.g. ``e_y - e_j`` for margins). The model runs
+    as it is (eval mode for verification). Computed without autograd.
+    prior: ``relu_bounds`` of an earlier call on the same model and x over a perturbation that contains this
+    one (a ball of the same norm and no smaller radius): sound here too, they start each ReLU's bounds, so
+    fewer neurons are unstable and fewer rows are back-substituted. plan: per ReLU, whether to back-substitute
+    every neuron left unstable (True) or none (False) instead of deciding by a sample (the ``plan`` of that
+    earlier call: the radius search's probes below a failed one replay its decisions on its bounds)."""
+    if spec.dim() != 3 or spec.shape[0] != x.shape[0]:
+        raise BoundInputError(f"spec must be (B, S, K) with B = {x.shape[0]}, got {tuple(spec.shape)}")
+    tape = bounded_tape(model, x, perturbation, options=options, prior=prior, plan=plan)
+    with torch.no_grad():
         spec = spec.to(x.dtype)
-        A, bias, _ = back_substitute(output, spec)
+        A, bias, _ = back_substitute(tape.output, spec)
         lower = perturbation.minimum(A, bias, x)
         if options.output_alpha_steps:
-            A, bias, lower = _optimise_output_slopes(output, nodes, spec, perturbation, x, options, A, bias, lower)
-    return LinearBound(A, bias, x, perturbation, lower, unstable, rows, found, decisions)
+            A, bias, lower = _optimise_output_slopes(tape.output, tape.nodes, spec, perturbation, x, options,
+                                                     A, bias, lower)
+    return LinearBound(A, bias, x, perturbation, lower, tape.unstable, tape.rows, tape.relu_bounds, tape.plan)
 
 
 def _optimise_output_slopes(output: Node, nodes: List[Node], spec: torch.Tensor, perturbation: Perturbation,

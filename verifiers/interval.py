@@ -398,7 +398,10 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
 
     Linear operations pass the coefficients back exactly; each ReLU is replaced by a linear relaxation:
     its ``relaxation`` (a :class:`ReluRelaxation`) where one is stored on the node, else CROWN's, from the
-    node's pre-activation bounds (upper: the chord; lower: slope 1 where ``u > -l``, else 0)."""
+    node's pre-activation bounds (upper: the chord; lower: slope 1 where ``u > -l``, else 0). Two hooks in
+    a node's ``data``: ``extra_coefficients`` (B, S, *shape) is added to the coefficients reaching the node
+    (a term of the objective there: branch and bound's split multipliers); a ReLU with a ``captured`` key gets
+    the coefficients on its output stored there."""
     batch, rows = spec.shape[:2]
     pending: Dict[Node, torch.Tensor] = {output: spec}
     queue = [(-output.order, output)]  # latest first: every consumer of a node was made after it
@@ -408,6 +411,9 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
         node = heapq.heappop(queue)[1]
         A = pending.pop(node)
         kind, data = node.kind, node.data
+        extra = data.get("extra_coefficients")
+        if extra is not None:  # a term added to the objective at this node (beta-CROWN's split multipliers)
+            A = A + extra
         if kind == "input":
             found = (A, node)
             continue
@@ -434,6 +440,8 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
                 A = A * _expand_like(torch.as_tensor(scale, device=A.device, dtype=A.dtype), A)
             _push(pending, queue, node.parents[0], A)
         elif kind == "relu":
+            if "captured" in data:  # the coefficients on this ReLU's output (branching scores)
+                data["captured"] = A.detach()
             relaxation = data.get("relaxation")
             if relaxation is not None:
                 A, extra = _relaxed_sparse(A, relaxation)

@@ -8,6 +8,9 @@ and never runs code from the file.
 """
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +72,40 @@ def _read(path: Path):
     return model
 
 
+class _DeferredTorchvision(types.ModuleType):
+    """Stands in for ``torchvision`` / ``torchvision.ops`` while onnx2torch is imported: its NMS and RoIAlign
+    converters import them at module level, which loads torch._dynamo (2.4 s of a 12 s VNN-COMP instance on this
+    machine). An attribute is a function that imports the real one when called (only those two operations)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "ops":
+            return _DeferredTorchvision("torchvision.ops")
+        module = self.__name__
+
+        def deferred(*args, **kwargs):
+            return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        return deferred
+
+
+def _onnx2torch():
+    """The onnx2torch module, imported without importing torchvision (see _DeferredTorchvision)."""
+    if "onnx2torch" in sys.modules:
+        return sys.modules["onnx2torch"]
+    names = ("torchvision", "torchvision.ops")
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names:
+        if saved[name] is None:
+            sys.modules[name] = _DeferredTorchvision(name)
+    try:
+        return importlib.import_module("onnx2torch")
+    finally:
+        for name in names:
+            if saved[name] is None:
+                sys.modules.pop(name, None)
+
+
 def _constants_to_initializers(proto) -> None:
     """Turn ``Constant`` nodes holding a tensor into initializers (in place): onnx2torch reads layer weights
     only from initializers, and torch's exporter writes non-persistent buffers (a fixed kernel) as Constants."""
@@ -86,7 +123,7 @@ def _constants_to_initializers(proto) -> None:
 
 
 def _convert(proto, path: Path) -> Tuple[nn.Module, int]:
-    from onnx2torch import convert
+    convert = _onnx2torch().convert
     _constants_to_initializers(proto)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     attempts = [(opset, proto)]

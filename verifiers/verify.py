@@ -42,13 +42,16 @@ Falsifier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class VerificationMethod:
-    """A method of this runner. exact: its margin is the true minimum (a negative one falsifies);
-    full_backsubstitution: a bound per ReLU neuron by back-substitution, so its cost grows with the
-    network (``crown_max_relus``, smaller batches); bound: the ``verifiers.bounds`` method, if any."""
+    """A method of this runner. exact: its margin is the true minimum (milp); complete: a negative margin
+    is a counterexample it found, so it falsifies (milp, bab); full_backsubstitution: a bound per ReLU neuron
+    by back-substitution, so its cost grows with the network (``crown_max_relus``, smaller batches); bound:
+    the ``verifiers.bounds`` method, if any; linf_only: refuses L2."""
     name: str
     exact: bool = False
+    complete: bool = False
     full_backsubstitution: bool = False
     bound: Optional[BoundMethod] = None
+    linf_only: bool = False
 
 
 # the registry, in cascade order (cheap to strong)
@@ -57,8 +60,25 @@ REGISTRY: Dict[str, VerificationMethod] = {m.name: m for m in (
     VerificationMethod("crown-ibp", bound=BoundMethod.CROWN_IBP),
     VerificationMethod("crown", full_backsubstitution=True, bound=BoundMethod.CROWN),
     VerificationMethod("alpha-crown", full_backsubstitution=True, bound=BoundMethod.ALPHA_CROWN),
-    VerificationMethod("milp", exact=True),
+    VerificationMethod("bab", complete=True, full_backsubstitution=True, linf_only=True),
+    VerificationMethod("milp", exact=True, complete=True, linf_only=True),
 )}
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What the runners take besides the samples: batch_size (samples bounded at once), milp_time_limit
+    (seconds per MILP solve), milp_max_relus / crown_max_relus (the largest networks milp and crown /
+    alpha-crown / bab run on; 0: no limit for crown), bab_time_limit (seconds of branch and bound per sample)."""
+    batch_size: int = 64
+    milp_time_limit: float = 60.0
+    milp_max_relus: int = 2000
+    crown_max_relus: int = 1_000_000
+    bab_time_limit: float = 30.0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.milp_time_limit <= 0 or self.bab_time_limit <= 0:
+            raise BoundInputError("batch_size must be >= 1, milp_time_limit and bab_time_limit > 0")
 METHODS = tuple(REGISTRY)
 CASCADE_ORDER = METHODS
 
@@ -134,7 +154,7 @@ def relu_neurons(model: nn.Module, x: torch.Tensor) -> int:
 
 # The default size limit of crown / alpha-crown: the cpu-scale paper networks (up to 260,288 ReLU calls) run
 # without raising it (verifiers.crown: about 25 s per bound on 2 threads); far larger networks are refused.
-CROWN_MAX_RELUS = 1_000_000
+CROWN_MAX_RELUS = VerifyOptions().crown_max_relus
 
 
 def check_crown_size(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> None:
@@ -164,14 +184,6 @@ def method_batch_size(model: nn.Module, x: torch.Tensor, method: str, batch_size
     return max(1, min(batch_size, CROWN_BATCH_RELUS // max(1, relu_neurons(model, x))))
 
 
-def crown_feasible(model: nn.Module, x: torch.Tensor, method: str, max_relus: int) -> bool:
-    try:
-        check_crown_size(model, x, method, max_relus)
-        return True
-    except UnsupportedModelError:
-        return False
-
-
 def check_milp_supported(model: nn.Module, input_shape: Sequence[int], norm: float, max_relus: int) -> None:
     """Raise UnsupportedModelError (with the reason) unless ``milp`` can verify this model."""
     from verifiers.milp import relu_layers
@@ -181,14 +193,6 @@ def check_milp_supported(model: nn.Module, input_shape: Sequence[int], norm: flo
     relus = sum(len(bias) for _, bias in layers[:-1])
     if relus > max_relus:
         raise UnsupportedModelError(f"milp: the network has {relus} ReLUs, more than --milp-max-relus {max_relus}")
-
-
-def milp_supported(model: nn.Module, input_shape: Sequence[int], norm: float, max_relus: int) -> bool:
-    try:
-        check_milp_supported(model, input_shape, norm, max_relus)
-        return True
-    except UnsupportedModelError:
-        return False
 
 
 def _milp_margins(model, x, y, eps: torch.Tensor, time_limit: float, max_relus: int, progress=None) -> List[Optional[float]]:
@@ -203,16 +207,19 @@ def _milp_margins(model, x, y, eps: torch.Tensor, time_limit: float, max_relus: 
 
 
 def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, norm: float, method: str, *,
-               batch_size: int = 64, milp_time_limit: float = 60.0, milp_max_relus: int = 2000,
-               progress: Optional[Callable[[int], None]] = None,
+               options: VerifyOptions = VerifyOptions(), progress: Optional[Callable[[int], None]] = None,
                counts: Optional[Dict[str, int]] = None) -> List[Optional[float]]:
-    """Margin lower bound per sample (exact minimum for milp; None where milp hit its time limit); a bound
-    method's margins near 0 are rechecked in float64 (``verifiers.rounding.certified_margin``), and
-    ``counts`` (optional) gets the number ``rechecked`` and ``rejected`` by that check added."""
+    """Margin lower bound per sample: the exact minimum for milp (None where it hit its time limit); for bab
+    the smallest bound over the verified subdomains, or the margin of a counterexample found (< 0), or None
+    at its time limit; a bound method's margins near 0 are rechecked in float64
+    (``verifiers.rounding.certified_margin``), and ``counts`` (optional) gets the number ``rechecked`` and
+    ``rejected`` by that check added."""
     if REGISTRY[method].exact:
-        return _milp_margins(model, x, y, eps, milp_time_limit, milp_max_relus, progress)
+        return _milp_margins(model, x, y, eps, options.milp_time_limit, options.milp_max_relus, progress)
+    if method == "bab":
+        return _bab_margins(model, x, y, eps, options.bab_time_limit, progress)
     out: List[Optional[float]] = []
-    batch_size = method_batch_size(model, x, method, batch_size)
+    batch_size = method_batch_size(model, x, method, options.batch_size)
     with torch.no_grad() if REGISTRY[method].bound is not BoundMethod.ALPHA_CROWN else contextlib.nullcontext():
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
@@ -221,6 +228,49 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
             if progress is not None:
                 progress(len(x[part]))
     return out
+
+
+def _bab_margins(model, x, y, eps: torch.Tensor, time_limit: float, progress) -> List[Optional[float]]:
+    """Branch and bound per sample on the L-inf ball (intersected with [0, 1]): every margin row positive."""
+    from verifiers.bab import Specification, relu_branch_and_bound
+    from verifiers.bounds import margin_specification
+    from verifiers.rounding import RTOL, logit_scale
+    out: List[Optional[float]] = []
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+        scale = logit_scale(model, x)
+    for i in range(len(x)):
+        xi, label = x[i:i + 1], int(y[i])
+        lower, upper = (xi - eps[i]).clamp(0, 1), (xi + eps[i]).clamp(0, 1)
+        rows = margin_specification(y[i:i + 1], classes)[0].to(x.dtype)
+        spec = Specification(rows, torch.zeros(classes - 1, dtype=x.dtype, device=x.device),
+                             [[r] for r in range(classes - 1)],
+                             torch.full((classes - 1,), float(RTOL * scale[i]), dtype=x.dtype, device=x.device))
+
+        def falsify(candidates: torch.Tensor):
+            with torch.no_grad():
+                logits = model(candidates)
+            wrong = (logits.argmax(1) != label).nonzero().flatten()
+            if not len(wrong):
+                return None
+            top = logits[wrong[0]]
+            return float(top[label] - torch.cat([top[:label], top[label + 1:]]).max())
+
+        found = relu_branch_and_bound(model, lower, upper, spec, deadline=time.perf_counter() + time_limit,
+                                      falsify=falsify)
+        out.append(found.proven_margin if found.verdict == "unsat" else
+                   found.counterexample if found.verdict == "sat" else None)
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def _status(method: str, margin: Optional[float]) -> Status:
+    if margin is not None and margin > 0:
+        return Status.CERTIFIED
+    if REGISTRY[method].complete and margin is not None and margin < 0:
+        return Status.FALSIFIED
+    return Status.UNKNOWN
 
 
 def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, certified: torch.Tensor,
@@ -239,15 +289,38 @@ def guard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
                              f"not a result")
 
 
+def check_supported(model: nn.Module, x: torch.Tensor, method: str, norm: float, options: VerifyOptions) -> None:
+    """Raise UnsupportedModelError (with the reason) when ``method`` cannot run on this model and norm."""
+    if REGISTRY[method].linf_only and norm != math.inf:
+        raise UnsupportedModelError(f"{method} verifies the L-inf norm only")
+    if REGISTRY[method].exact:
+        check_milp_supported(model, x.shape[1:], norm, options.milp_max_relus)
+    check_crown_size(model, x, method, options.crown_max_relus)
+
+
+def unsupported_reason(model: nn.Module, x: torch.Tensor, method: str, norm: float,
+                       options: VerifyOptions) -> Optional[str]:
+    """Why ``method`` cannot run on this model and norm, or None when it can."""
+    try:
+        check_supported(model, x, method, norm, options)
+        return None
+    except UnsupportedModelError as error:
+        return str(error)
+
+
+def supported(model: nn.Module, x: torch.Tensor, method: str, norm: float, options: VerifyOptions) -> bool:
+    return unsupported_reason(model, x, method, norm, options) is None
+
+
 def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
                    methods: Sequence[str], indices: Optional[Sequence[int]] = None,
-                   falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-                   milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
+                   falsifier: Optional[Falsifier] = None, options: VerifyOptions = VerifyOptions(),
                    progress: Optional[Callable[[int], None]] = None,
                    rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
-    """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified for an
-    exact milp minimum < 0). x: (B, ...) in [0, 1]; y: (B,). ``rounding`` (optional) gets, per method,
-    how many margins the float64 check ``rechecked`` and how many of those it ``rejected``."""
+    """Every method on every sample at ``eps``: certified (bound > 0), else unknown (falsified where a
+    complete method's margin is < 0: milp's exact minimum, bab's counterexample). x: (B, ...) in [0, 1];
+    y: (B,). ``rounding`` (optional) gets, per method, how many margins the float64 check ``rechecked`` and
+    how many of those it ``rejected``."""
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
@@ -255,34 +328,29 @@ def verify_methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         prediction = model(x).argmax(1)
     results: List[SampleResult] = []
     for method in methods:
-        if REGISTRY[method].exact:
-            check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
-        check_crown_size(model, x, method, crown_max_relus)
+        check_supported(model, x, method, norm, options)
         began = time.perf_counter()
-        margins = margins_by(model, x, y, eps_t, norm, method, batch_size=batch_size, milp_time_limit=milp_time_limit,
-                             milp_max_relus=milp_max_relus, progress=progress,
+        margins = margins_by(model, x, y, eps_t, norm, method, options=options, progress=progress,
                              counts=None if rounding is None else rounding.setdefault(method, {}))
         seconds = (time.perf_counter() - began) / max(len(x), 1)
         certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
         guard(model, x, y, eps_t, certified, method, indices, falsifier)
         for i, margin in enumerate(margins):
-            status = (Status.CERTIFIED if margin is not None and margin > 0 else
-                      Status.FALSIFIED if REGISTRY[method].exact and margin is not None and margin < 0 else Status.UNKNOWN)
-            results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method, status, margin, None, seconds))
+            results.append(SampleResult(indices[i], int(y[i]), int(prediction[i]), method, _status(method, margin),
+                                        margin, None, seconds))
     return results
 
 
 def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm="inf",
             methods: Sequence[str] = CASCADE_ORDER, indices: Optional[Sequence[int]] = None,
-            falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-            milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
+            falsifier: Optional[Falsifier] = None, options: VerifyOptions = VerifyOptions(),
             progress: Optional[Callable[[int], None]] = None,
             rounding: Optional[Dict[str, Dict[str, int]]] = None) -> List[SampleResult]:
     """Cheap methods first, each on the samples still undecided; one final result per sample,
     whose ``method`` names what decided it ("clean" / "attack" for falsified, "-" for unknown).
-    ``milp`` is skipped (not an error) when the model is not a small ReLU MLP or the norm is L2, and
-    crown / alpha-crown when the network has more than ``crown_max_relus`` ReLU neurons. ``rounding`` as in
-    ``verify_methods``."""
+    A method that cannot run here is skipped (not an error): milp unless the model is a small ReLU MLP,
+    bab and milp for L2, crown / alpha-crown / bab beyond ``options.crown_max_relus`` ReLU neurons.
+    ``rounding`` as in ``verify_methods``."""
     norm = parse_norm(norm)
     indices = list(range(len(x))) if indices is None else list(indices)
     eps_t = torch.full((len(x),), float(eps), device=x.device, dtype=x.dtype)
@@ -303,26 +371,21 @@ def cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, n
     for method in methods:
         if not undecided:
             break
-        if REGISTRY[method].exact and not milp_supported(model, x.shape[1:], norm, milp_max_relus):
-            continue
-        if not crown_feasible(model, x, method, crown_max_relus):
+        if not supported(model, x, method, norm, options):
             continue
         where = torch.tensor(undecided, device=x.device)
         began = time.perf_counter()
-        margins = margins_by(model, x[where], y[where], eps_t[where], norm, method, batch_size=batch_size,
-                             milp_time_limit=milp_time_limit, milp_max_relus=milp_max_relus, progress=progress,
-                             counts=None if rounding is None else rounding.setdefault(method, {}))
+        margins = margins_by(model, x[where], y[where], eps_t[where], norm, method, options=options,
+                             progress=progress, counts=None if rounding is None else rounding.setdefault(method, {}))
         seconds = (time.perf_counter() - began) / len(undecided)
         certified = torch.tensor([m is not None and m > 0 for m in margins], device=x.device)
         guard(model, x[where], y[where], eps_t[where], certified, method, [indices[i] for i in undecided], falsifier)
         for k, margin in enumerate(margins):
-            i = undecided[k]
-            if margin is not None and margin > 0:
-                final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.CERTIFIED, margin,
-                                        None, seconds)
-            elif REGISTRY[method].exact and margin is not None and margin < 0:
-                final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, Status.FALSIFIED, margin,
-                                        None, seconds)
+            status = _status(method, margin)
+            if status is not Status.UNKNOWN:
+                i = undecided[k]
+                final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), method, status, margin, None,
+                                        seconds)
         undecided = [i for i in undecided if i not in final]
     for i in undecided:
         final[i] = SampleResult(indices[i], int(y[i]), int(prediction[i]), "-", Status.UNKNOWN)
@@ -356,8 +419,7 @@ def milp_radius(model: nn.Module, x: torch.Tensor, y: int, *, eps_max: float, st
 
 def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", methods: Sequence[str],
           eps_max: float = 0.5, steps: int = 12, eps_min: float = 0.0, indices: Optional[Sequence[int]] = None,
-          falsifier: Optional[Falsifier] = None, batch_size: int = 64, milp_time_limit: float = 60.0,
-          milp_max_relus: int = 2000, crown_max_relus: int = CROWN_MAX_RELUS,
+          falsifier: Optional[Falsifier] = None, options: VerifyOptions = VerifyOptions(),
           progress: Optional[Callable[[int], None]] = None,
           attack_upper: Optional[torch.Tensor] = None) -> List[SampleResult]:
     """Certified radius per sample and method, each attacked at its radius by the guard: for crown and
@@ -382,15 +444,16 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
         attacked = upper < float(eps_max)
     results: List[SampleResult] = []
     for method in methods:
-        check_crown_size(model, x, method, crown_max_relus)
+        if method == "bab":
+            raise BoundInputError("bab decides a property at one eps; it has no radius (use crown or milp)")
+        check_supported(model, x, method, norm, options)
         began = time.perf_counter()
         if REGISTRY[method].exact:
-            check_milp_supported(model, x.shape[1:], norm, milp_max_relus)
             # the exact radius lies below any attack radius: bisect on [0, attack radius]
             values = []
             for i in range(len(x)):
                 values.append(milp_radius(model, x[i], int(y[i]), eps_max=float(upper[i]), steps=steps,
-                                          time_limit=milp_time_limit, max_relus=milp_max_relus))
+                                          time_limit=options.milp_time_limit, max_relus=options.milp_max_relus))
                 if progress is not None:
                     progress(1)
             radius = torch.tensor(values, device=x.device, dtype=x.dtype)
@@ -399,9 +462,10 @@ def radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm="inf", met
                 radius, _ = crown_radius(model, x, y, norm=norm, upper=upper, eps_min=eps_min,
                                          options=tape_options(REGISTRY[method].bound), progress=progress)
             except UnsupportedModelError:  # a graph the tape cannot trace: bisection on auto_LiRPA
-                radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, batch_size, progress)
+                radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, options.batch_size,
+                                   progress)
         else:
-            radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, batch_size, progress)
+            radius = _bisected(model, x, y, norm, method, upper, steps, eps_min, attacked, options.batch_size, progress)
         seconds = (time.perf_counter() - began) / max(len(x), 1)
         guard(model, x, y, radius, radius > 0, method, indices, falsifier)
         for i in range(len(x)):

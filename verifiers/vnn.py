@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 
 from verifiers.errors import UnsupportedModelError
-from verifiers.rounding import certified_slack
+from verifiers.rounding import RTOL, certified_slack
 from verifiers.verify import METHODS, REGISTRY, SoundnessError
 from verifiers.vnnlib import Property
 
 VERDICTS = ("sat", "unsat", "unknown", "timeout")
+EXIT_MARGIN = 3.0  # seconds kept back from the timeout for writing the result and exiting
 BOUND_METHODS = tuple(name for name in METHODS if REGISTRY[name].bound is not None)
 Confirm = Callable[[np.ndarray], Optional[np.ndarray]]  # x (flat) -> outputs (flat) of a second runtime
 
@@ -79,9 +80,10 @@ def _confirmed(model: nn.Module, prop: Property, x: np.ndarray, shape: Tuple[int
 
 def attack(model: nn.Module, prop: Property, shape: Tuple[int, ...], *, restarts: int = 10, steps: int = 100,
            seed: int = 0, confirm: Optional[Confirm] = None, deadline: float = float("inf"),
-           max_clauses: int = 64) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+           max_clauses: int = 64, starts: Optional[torch.Tensor] = None) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """PGD in the box on every clause (its violation ``max_j A_j y - b_j`` minimised from the centre and
-    ``restarts - 1`` random starts); a confirmed counterexample (x, y) or None."""
+    ``restarts - 1`` random starts, or from ``starts`` (N, ...) when given); a confirmed counterexample (x, y)
+    or None."""
     generator = torch.Generator().manual_seed(seed)
     device = _device(model)
     lower = torch.as_tensor(prop.lower, dtype=torch.float32).reshape(shape)
@@ -95,8 +97,11 @@ def attack(model: nn.Module, prop: Property, shape: Tuple[int, ...], *, restarts
     for k, c in enumerate(clauses):
         A[k, :len(c.b)] = torch.as_tensor(c.A, dtype=torch.float32)
         b[k, :len(c.b)] = torch.as_tensor(c.b, dtype=torch.float32)
-    starts = torch.cat([(lower + upper) / 2] + [lower + width * torch.rand(shape, generator=generator)
-                                                 for _ in range(max(restarts - 1, 0))])
+    if starts is None:
+        starts = torch.cat([(lower + upper) / 2] + [lower + width * torch.rand(shape, generator=generator)
+                                                     for _ in range(max(restarts - 1, 0))])
+    else:
+        starts = torch.max(torch.min(starts.detach().cpu().float().reshape(-1, *shape[1:]), upper), lower)
     lower, upper, A, b = lower.to(device), upper.to(device), A.to(device), b.to(device)
     x = starts.to(device).repeat(len(clauses), *([1] * (len(shape) - 1))).clone()
     owner = torch.arange(len(clauses), device=device).repeat_interleave(len(starts))
@@ -129,10 +134,16 @@ def _bound_rows(prop: Property, open_clauses: Sequence[int]) -> Tuple[torch.Tens
 def check_property(model: nn.Module, prop: Property, input_shape: Sequence[int], *, timeout: float = 60.0,
                    methods: Sequence[str] = METHODS, restarts: int = 10, steps: int = 100,
                    seed: int = 0, confirm: Optional[Confirm] = None, milp_max_relus: int = 2000,
-                   guard: bool = True, log: Optional[Callable[[str], None]] = None) -> VnnResult:
-    """Decide ``prop`` on ``model`` (input of shape ``input_shape``, batch axis first, size 1)."""
-    began = time.perf_counter()
-    deadline = began + timeout
+                   guard: bool = True, log: Optional[Callable[[str], None]] = None,
+                   bab: Optional["BabOptions"] = None, began: Optional[float] = None) -> VnnResult:
+    """Decide ``prop`` on ``model`` (input of shape ``input_shape``, batch axis first, size 1). The deadline
+    is ``timeout`` seconds after ``began`` (a ``time.perf_counter()`` reading; default: now), so a caller's
+    start-up counts. ``bab``: branch and bound on what the bound methods leave open (before milp), with these
+    options (``BabOptions()`` by default; pass None in ``methods`` order by leaving "bab" out)."""
+    began = time.perf_counter() if began is None else began
+    # stop a little early: writing the verdict and leaving the process take time too (a run that stopped at the
+    # deadline exited 2.3 s after it)
+    deadline = began + timeout - min(EXIT_MARGIN, 0.05 * timeout)
     shape = tuple(input_shape)
     stages: List[str] = []
 
@@ -161,6 +172,16 @@ def check_property(model: nn.Module, prop: Property, input_shape: Sequence[int],
         if time.perf_counter() > deadline:
             return result("timeout", "-")
         started = time.perf_counter()
+        if method == "bab":
+            outcome = _branch_and_bound(model, prop, lower, upper, open_clauses, deadline, shape, confirm,
+                                        bab, restarts, steps, seed, note)
+            if outcome == "timeout":
+                return result("timeout", "-")
+            if outcome != "unsat":
+                return result("sat", "bab", outcome)
+            open_clauses = []
+            decided_by = "bab"
+            break
         if REGISTRY[method].exact:
             outcome = _milp(model, prop, lower[0].cpu(), upper[0].cpu(), open_clauses, deadline, milp_max_relus, shape,
                             confirm)
@@ -185,12 +206,49 @@ def check_property(model: nn.Module, prop: Property, input_shape: Sequence[int],
     if decided_by is None:
         return result("timeout" if time.perf_counter() > deadline else "unknown", "-")
     if guard:
-        broken = attack(model, prop, shape, restarts=max(2 * restarts, 20), steps=steps, seed=seed + 1, confirm=confirm)
+        broken = attack(model, prop, shape, restarts=max(2 * restarts, 20), steps=steps, seed=seed + 1, confirm=confirm,
+                        deadline=began + timeout - 0.5 * min(EXIT_MARGIN, 0.05 * timeout))
         if broken is not None:
             raise SoundnessError(f"{decided_by} proved the property (unsat), but an attack found a counterexample; "
                                  f"this is a bound-engine bug, not a result")
         note("guard: a second attack found no counterexample")
     return result("unsat", decided_by)
+
+
+def _branch_and_bound(model, prop: Property, lower: torch.Tensor, upper: torch.Tensor, open_clauses: List[int],
+                      deadline: float, shape, confirm, options, restarts: int, steps: int, seed: int, note):
+    """"unsat", "timeout" or a confirmed counterexample (x, y): branch and bound on the clauses still open
+    (input splitting for networks with few inputs, ReLU splitting otherwise)."""
+    from verifiers.bab import BabOptions, Specification, input_branch_and_bound, relu_branch_and_bound
+    options = options or BabOptions()
+    C, b, offsets = _bound_rows(prop, open_clauses)
+    centre = (lower + upper) / 2
+    with torch.no_grad():
+        logits = _flat_outputs(model, centre).double().cpu().reshape(-1)
+    tolerance = RTOL * (1.0 + C[0].abs() @ logits.abs() + b.abs())
+    device = lower.device
+    spec = Specification(C[0].to(device), b.to(device), [list(range(offsets[i], offsets[i + 1]))
+                                                         for i in range(len(open_clauses))], tolerance.to(device))
+
+    def falsify(candidates: torch.Tensor):
+        with torch.no_grad():
+            outputs = _flat_outputs(model, candidates.reshape(-1, *shape[1:]).float()).double().cpu().numpy()
+        for x, y in zip(candidates.reshape(len(candidates), -1).cpu().numpy(), outputs):
+            if prop.violated_by(y):
+                found = _confirmed(model, prop, x, shape, confirm)
+                if found is not None:
+                    return found
+        return attack(model, prop, shape, steps=min(steps, 30), seed=seed, confirm=confirm, deadline=deadline,
+                      starts=candidates[:max(restarts, 1)])
+
+    started = time.perf_counter()
+    search = input_branch_and_bound if len(prop.lower) <= options.input_dims else relu_branch_and_bound
+    outcome = search(model, lower, upper, spec, deadline=deadline, options=options, falsify=falsify)
+    note(f"bab ({'input' if search is input_branch_and_bound else 'relu'} splits): {outcome.verdict}, "
+         f"{outcome.domains} domains, depth {outcome.depth} ({time.perf_counter() - started:.2f} s)")
+    if outcome.verdict == "sat":
+        return outcome.counterexample
+    return outcome.verdict
 
 
 def _milp(model, prop: Property, lower: torch.Tensor, upper: torch.Tensor, open_clauses: List[int], deadline: float,

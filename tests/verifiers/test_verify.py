@@ -8,7 +8,7 @@ import torch.nn as nn
 from tests.violation import pgd_attack
 from verifiers import verify as verify_module
 from verifiers.errors import BoundInputError, UnsupportedModelError
-from verifiers.verify import (SoundnessError, Status, attack_radius, cascade, parse_methods, radii, relu_neurons,
+from verifiers.verify import (SoundnessError, Status, VerifyOptions, attack_radius, cascade, parse_methods, radii, relu_neurons,
                               verify_methods)
 
 
@@ -33,7 +33,7 @@ def _falsifier(model):
 def test_every_certified_radius_is_at_most_the_exact_milp_radius(seed):
     model, x, y = _tiny(seed)
     found = radii(model, x, y, methods=["ibp", "crown-ibp", "crown", "alpha-crown", "milp"], eps_max=0.5, steps=10,
-                  falsifier=_falsifier(model), milp_time_limit=30)
+                  falsifier=_falsifier(model), options=VerifyOptions(milp_time_limit=30))
     exact = {r.index: r.radius for r in found if r.method == "milp"}
     upper = attack_radius(model, x, y, _falsifier(model), eps_max=0.5, steps=10)
     tolerance = 0.5 / 2 ** 10
@@ -59,7 +59,7 @@ def test_cascade_decides_every_sample_of_a_tiny_network_with_milp():
     model, x, y = _tiny(4)
     y = y.clone()
     y[0] = (y[0] + 1) % 4  # one misclassified sample
-    results = cascade(model, x, y, 0.05, falsifier=_falsifier(model), milp_time_limit=30)
+    results = cascade(model, x, y, 0.05, falsifier=_falsifier(model), options=VerifyOptions(milp_time_limit=30))
     assert results[0].status is Status.FALSIFIED and results[0].method == "clean"
     assert all(r.status is not Status.UNKNOWN for r in results)  # milp is complete
     for r in results:
@@ -83,7 +83,7 @@ def test_crown_refuses_large_networks_and_milp_refuses_unsupported_ones():
     x, y = torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
     assert relu_neurons(model, x) == 300
     with pytest.raises(UnsupportedModelError, match="crown-max-relus 100"):
-        verify_methods(model, x, y, 0.01, methods=["crown"], crown_max_relus=100)
+        verify_methods(model, x, y, 0.01, methods=["crown"], options=VerifyOptions(crown_max_relus=100))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4)).eval()
     with pytest.raises(UnsupportedModelError, match="MILP supports"):
         verify_methods(conv, x, y, 0.01, methods=["milp"])
@@ -130,10 +130,10 @@ def test_norms_and_methods_are_closed_sets():
     assert Norm.LINF == _math.inf and str(Norm.L2) == "2"
     with pytest.raises(BoundInputError, match="supported norms: inf, 2"):
         parse_norm("l1")
-    assert METHODS == ("ibp", "crown-ibp", "crown", "alpha-crown", "milp")  # the cascade order
+    assert METHODS == ("ibp", "crown-ibp", "crown", "alpha-crown", "bab", "milp")  # the cascade order
     assert {m.bound for m in REGISTRY.values() if m.bound is not None} == set(BoundMethod)
     assert [m.name for m in REGISTRY.values() if m.exact] == ["milp"]
-    with pytest.raises(BoundInputError, match="known: ibp, crown-ibp, crown, alpha-crown, milp, all"):
+    with pytest.raises(BoundInputError, match="known: ibp, crown-ibp, crown, alpha-crown, bab, milp, all"):
         get_method("crwn")
     with pytest.raises(BoundInputError, match="unknown method 'crwn'"):
         parse_methods("ibp,crwn")
@@ -161,9 +161,16 @@ def test_radius_below_attack_radii_is_certified_and_resolves_finer(log):
     assert positive.any()
     bound = margin_lower_bound(model, x[positive], y[positive], narrow[positive], method="crown")
     assert (bound > 0).all()
+    # radii bisects the bisection methods below the attack radii exactly like certified_radius ...
+    found = radii(model, x, y, methods=["crown-ibp"], eps_max=0.5, steps=6, eps_min=eps_min,
+                  falsifier=_falsifier(model), attack_upper=upper)
+    expected = certified_radius(model, x, y, method="crown-ibp", eps_max=upper, steps=6, eps_min=eps_min,
+                                attacked=attacked)
+    assert [r.radius for r in found] == pytest.approx(expected.tolist())
+    # ... and finds crown's by a root search within 1% of an eps that failed: at least the bisection's (1% slack)
     found = radii(model, x, y, methods=["crown"], eps_max=0.5, steps=6, eps_min=eps_min, falsifier=_falsifier(model),
                   attack_upper=upper)
-    assert [r.radius for r in found] == pytest.approx(narrow.tolist())
+    assert all(r.radius >= 0.99 * float(narrow[r.index]) and r.radius <= float(upper[r.index]) + 1e-12 for r in found)
     own = radii(model, x, y, methods=["crown"], eps_max=0.5, steps=6, eps_min=eps_min, falsifier=_falsifier(model))
     own_upper = attack_radius(model, x, y, _falsifier(model), eps_max=0.5, steps=6)  # what radii computes itself
     assert all(r.radius <= float(own_upper[r.index]) + 1e-12 for r in own)
