@@ -119,9 +119,20 @@ SCALES = {
 class Experiment:
     """The cached stages of one scale, in ``out/cache``."""
 
-    def __init__(self, scale: ClaimScale, out: Path, data_root: Optional[str], device: str, quiet: bool = True):
+    def __init__(self, scale: ClaimScale, out: Path, data_root: Optional[str], device: str, quiet: bool = True,
+                 lookup_only: bool = False):
+        """lookup_only: find every stage in the cache and run none (a missing one is a ValueError naming it)."""
         self.scale, self.out, self.data_root, self.device, self.quiet = scale, Path(out), data_root, device, quiet
         self.cache = self.out / "cache"
+        self.lookup_only = lookup_only
+
+    def _stage(self, stage: str, key: str, marker: str, run, inputs=None) -> Path:
+        if self.lookup_only:
+            folder = self.cache / f"{stage}-{key}"
+            if not (folder / marker).is_file() and not (stage == "train" and (folder / "summary.json").is_file()):
+                raise ValueError(f"{folder}: not in the cache (--refresh-records runs nothing)")
+            return folder
+        return cached_stage(self.cache, stage, key, marker, run, inputs=inputs)
 
     def genotype(self, row: str, seed: int) -> Path:
         """The row's genotype.json: searched, or drawn (random rows: cell i, the same for every seed)."""
@@ -134,8 +145,8 @@ class Experiment:
                 write_json(folder / "genotype.json", {**drawn.to_dict(), "drawn_with_seed": index})
             return folder / "genotype.json"
         config = self.search_config(row, seed)
-        folder = cached_stage(self.cache, "search", config_hash("search", stage_settings(config)), "genotype.json",
-                              lambda f, resume: search(config, f, resume=resume, force=not resume, quiet=self.quiet))
+        folder = self._stage("search", config_hash("search", stage_settings(config)), "genotype.json",
+                             lambda f, resume: search(config, f, resume=resume, force=not resume, quiet=self.quiet))
         return folder / "genotype.json"
 
     def search_config(self, row: str, seed: int) -> SearchConfig:
@@ -148,19 +159,20 @@ class Experiment:
         config = TrainConfig(**self.scale.train, genotype=str(genotype), data=self.scale.data, data_root=self.data_root,
                              seed=seed, device=self.device)
         key = config_hash("train", {**stage_settings(config), "genotype": None}, genotype.parent.name)
-        return cached_stage(self.cache, "train", key, "model.pt",
-                            lambda f, resume: train(config, f, resume=resume, force=not resume, quiet=self.quiet))
+        return self._stage("train", key, "model.pt",
+                           lambda f, resume: train(config, f, resume=resume, force=not resume, quiet=self.quiet))
 
     def verify(self, model: Path, eps: float, radius: bool) -> Path:
         """Verified accuracy at eps on verify_n test samples, or (radius) certified radii on radius_n."""
+        # crown_max_relus: the limit every committed stage ran with (IBP and CROWN-IBP ignore it); settings added
+        # to VerifyConfig since are left out of the key at their former values (stage_settings)
         config = VerifyConfig(methods=("ibp", "crown-ibp"), eps=eps, norm="inf",
                               n=self.scale.radius_n if radius else self.scale.verify_n, radius=radius,
                               radius_max=0.5, radius_steps=self.scale.radius_steps, data=self.scale.data,
-                              data_root=self.data_root, device=self.device)
-        key = config_hash("verify", asdict(config), model.parent.name)
-        return cached_stage(self.cache, "verify", key, "verify.json",
-                            lambda f, resume: run_verify(config, model, f, quiet=self.quiet),
-                            inputs=evaluated(model))
+                              data_root=self.data_root, device=self.device, crown_max_relus=250000)
+        key = config_hash("verify", stage_settings(config), model.parent.name)
+        return self._stage("verify", key, "verify.json", lambda f, resume: run_verify(config, model, f, quiet=self.quiet),
+                           inputs=None if self.lookup_only else evaluated(model))
 
     def attack(self, model: Path) -> Path:
         config = AttackConfig(attacks=("pgd", "autoattack"), eps=max(self.scale.eps), norm="inf",
@@ -168,9 +180,8 @@ class Experiment:
                               data_root=self.data_root, autoattack_version=self.scale.autoattack_version,
                               device=self.device)
         key = config_hash("attack", asdict(config), model.parent.name)
-        return cached_stage(self.cache, "attack", key, "attack.json",
-                            lambda f, resume: run_attacks(config, model, f, quiet=self.quiet),
-                            inputs=evaluated(model))
+        return self._stage("attack", key, "attack.json", lambda f, resume: run_attacks(config, model, f, quiet=self.quiet),
+                           inputs=None if self.lookup_only else evaluated(model))
 
     def record(self, row: str, seed: int) -> Dict[str, Any]:
         genotype = json.loads(self.genotype(row, seed).read_text())
@@ -187,18 +198,35 @@ class Experiment:
             record.update(verified_fractions(self.verify(trained / "model.pt", eps, radius=False), eps))
         radii = verified_fractions(self.verify(trained / "model.pt", max(self.scale.eps), radius=True), max(self.scale.eps))
         record.update({key: value for key, value in radii.items() if key.startswith("radius_")})
-        attack = json.loads((self.attack(trained / "model.pt") / "attack.json").read_text())
+        attacked = self.attack(trained / "model.pt")
+        attack = json.loads((attacked / "attack.json").read_text())
         for result in attack["results"]:
             if result["attack"] in ("pgd", "autoattack"):
                 record[f"{result['attack']}@{max(self.scale.eps):g}"] = result["robust_accuracy"]
+        # the verified accuracy on the attacked digits (the first attack_n of the verify_n seeded draw), beside the
+        # attacks' in the table: the same digits
+        eps = max(self.scale.eps)
+        indices = set(pd_read(attacked / "attack_samples.csv")["index"])
+        record[f"verified@{eps:g} (attacked)"] = verified_fractions(
+            self.verify(trained / "model.pt", eps, radius=False), eps, only=indices)[f"verified@{eps:g}"]
         return record
 
 
-def verified_fractions(folder: Path, eps: float) -> Dict[str, float]:
-    """Verified accuracy at ``eps`` per method and for the best of them per sample, and (when the stage
-    computed radii) the median and mean certified radius of the best method, from ``verify.csv``."""
+def pd_read(path: Path):
     import pandas as pd
-    table = pd.read_csv(folder / "verify.csv")
+    return pd.read_csv(path)
+
+
+def verified_fractions(folder: Path, eps: float, only: Optional[set] = None) -> Dict[str, float]:
+    """Verified accuracy at ``eps`` per method and for the best of them per sample, and (when the stage
+    computed radii) the median and mean certified radius of the best method, from ``verify.csv``; ``only``:
+    those sample indices (ValueError unless the stage verified every one of them)."""
+    table = pd_read(folder / "verify.csv")
+    if only is not None:
+        missing = set(only) - set(table["index"])
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} of the {len(only)} digits asked for were not verified there")
+        table = table[table["index"].isin(only)]
     at_eps = table[table["mode"] == "eps"]
     n = at_eps["index"].nunique()
     result = {f"{method}@{eps:g}": group["certified"].astype(bool).sum() / n for method, group in at_eps.groupby("method")}
@@ -315,12 +343,20 @@ def write_outputs(records: List[Dict[str, Any]], out: Path, scale: ClaimScale) -
         return rows
     frame = pd.DataFrame(rows)
     atomic_write_text(out / "claim.csv", frame.to_csv(index=False))
-    columns = ["clean"] + [f"verified@{e:g}" for e in sorted(scale.eps)] + [f"crown-ibp@{max(scale.eps):g}",
-                                                                          f"pgd@{max(scale.eps):g}",
-                                                                          f"autoattack@{max(scale.eps):g}"]
-    lines = ["| row | runs | " + " | ".join(columns) + " | median radius |", "|---" * (len(columns) + 3) + "|"]
+    top = f"{max(scale.eps):g}"
+    columns = ["clean"] + [f"verified@{e:g}" for e in sorted(scale.eps)] + [f"crown-ibp@{top}"]
+    attacked = [f"verified@{top} (attacked)", f"pgd@{top}", f"autoattack@{top}"]
+    if not any(attacked[0] in row for row in rows):  # records from before that column: the attacks alone
+        attacked = attacked[1:]
+    headers = columns + [f"{c.replace(' (attacked)', '')} on the attacked digits" for c in attacked]
+    evaluated = scale.train.get("eval_limit") or "all the"
+    lines = [f"Accuracy in % (mean +- std over runs). clean: on {evaluated} test digits (training's evaluation); "
+             f"verified and crown-ibp: on {scale.verify_n} test digits; the last {len(attacked)} columns on the first "
+             f"{scale.attack_n} of those {scale.verify_n} (the digits PGD and AutoAttack ran on): compare verified with "
+             f"attacked only there.", "",
+             "| row | runs | " + " | ".join(headers) + " | median radius |", "|---" * (len(headers) + 3) + "|"]
     for row in rows:
-        cells = [f"{100 * row[c]:.1f} +- {100 * row[c + '_std']:.1f}" if c in row else "" for c in columns]
+        cells = [f"{100 * row[c]:.1f} +- {100 * row[c + '_std']:.1f}" if c in row else "" for c in columns + attacked]
         radius = f"{row['radius_median']:.3f} +- {row['radius_median_std']:.3f}" if "radius_median" in row else ""
         lines.append(f"| {row['row']} | {row['runs']} | " + " | ".join(cells) + f" | {radius} |")
     atomic_write_text(out / "claim.md", "\n".join(lines) + "\n")
@@ -399,6 +435,9 @@ def main(argv=None) -> int:
                                                             "share torch's threads (default 1: in this process).")
     parser.add_argument("--summarise", action="store_true", help="Only rewrite claim.csv / claim.md / verdict.md from "
                                                                  "<out>/records.jsonl (runs nothing).")
+    parser.add_argument("--refresh-records", action="store_true",
+                        help="Recompute every record of <out>/records.jsonl from the stages in the cache (runs none; "
+                             "values derived since the record was written appear), then rewrite the reports.")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -416,7 +455,16 @@ def main(argv=None) -> int:
         records = read_records(out)  # checked before anything runs
     except ValueError as error:
         parser.error(str(error))
-    if args.summarise:
+    if args.refresh_records:
+        if not records:
+            parser.error(f"--refresh-records: no records in {out / 'records.jsonl'}")
+        experiment = Experiment(scale, out, args.data_root, args.device, lookup_only=True)
+        try:
+            records = [experiment.record(r["row"], r["seed"]) for r in records]
+        except ValueError as error:
+            parser.error(str(error))
+        atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    if args.summarise or args.refresh_records:
         if not records:
             parser.error(f"--summarise: no records in {out / 'records.jsonl'}")
         write_outputs(records, out, scale)

@@ -297,7 +297,8 @@ def search(ctx, metric, out, resume, force, **settings):
     if not ctx.obj["quiet"] and world.main:
         click.echo(f"genotype written to {out / 'genotype.json'}")
         click.echo(f"normal: {record['normal']}")
-        click.echo(f"reduce: {record['reduce']}")
+        click.echo(f"reduce: {record['reduce']}" if record["reduce"] is not None else
+                   "reduce: not searched (the supernet had no reduction cell: search with --layers 3 or more)")
 
 
 @main.command()

@@ -29,6 +29,11 @@ def plot_genotype(genotype: Genotype, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, (title, edges, concat) in zip(axes, (("normal cell", genotype.normal, genotype.normal_concat),
                                                  ("reduction cell", genotype.reduce, genotype.reduce_concat))):
+        if edges is None:
+            ax.text(0.5, 0.5, "not searched", ha="center", va="center", fontsize=11)
+            ax.set_title(title)
+            ax.axis("off")
+            continue
         steps = len(edges) // 2
         position = {0: (-1.0, 1.0), 1: (-1.0, -1.0)}
         for node in range(steps):

@@ -11,3 +11,7 @@ class BoundInputError(VerifierError):
 
 class UnsupportedModelError(VerifierError):
     """The model contains a layer or operation the bound engine cannot bound soundly."""
+
+
+class EnvironmentVersionError(VerifierError):
+    """An installed package of another version than the one this code was tested with (auto-LiRPA)."""

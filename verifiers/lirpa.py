@@ -21,6 +21,33 @@ import torch
 import torch.nn.functional as F
 import torch.onnx
 
+from verifiers.errors import EnvironmentVersionError
+
+# The auto-LiRPA releases the patches below were written against and tested with.
+TESTED_VERSIONS = ("0.3",)
+
+
+def check_version(version: str) -> None:
+    """EnvironmentVersionError, in one line, unless ``version`` is one the patches were tested with: they
+    replace internals of auto_LiRPA, and on another release they could silently bound the wrong thing."""
+    if version not in TESTED_VERSIONS:
+        raise EnvironmentVersionError(
+            f"verifiers.lirpa patches auto-LiRPA {' / '.join(TESTED_VERSIONS)}, and this environment has {version}: "
+            f"install the tested release with `pip install --no-deps auto-LiRPA=={TESTED_VERSIONS[-1]}` "
+            f"(scripts/setup.sh does)")
+
+
+def _installed_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("auto-LiRPA")
+    except metadata.PackageNotFoundError:
+        raise EnvironmentVersionError("auto-LiRPA is not installed: `pip install --no-deps auto-LiRPA==0.3` "
+                                      "(scripts/setup.sh does)") from None
+
+
+check_version(_installed_version())
+
 
 def _patch_numpy_arraysetops() -> None:
     # 1. numpy 2 removed ``numpy.lib.arraysetops``; auto_LiRPA.operators.base imports ``isin``

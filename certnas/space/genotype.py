@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Optional, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -24,14 +24,19 @@ class GenotypeError(CertnasError):
 
 @dataclass(frozen=True)
 class Genotype:
+    """A normal and a reduction cell: two (operation, input node) edges per node and the nodes concatenated.
+    ``reduce`` is None where no reduction cell was searched (a supernet of fewer than 3 cells has none): a
+    network that needs one cannot be built from it (``needs_reduce``)."""
     normal: Tuple[Edge, ...]
     normal_concat: Tuple[int, ...]
-    reduce: Tuple[Edge, ...]
-    reduce_concat: Tuple[int, ...]
+    reduce: Optional[Tuple[Edge, ...]]
+    reduce_concat: Optional[Tuple[int, ...]]
 
     def __post_init__(self):
         for name in ("normal", "reduce"):
             edges = getattr(self, name)
+            if edges is None and name == "reduce":
+                continue
             if len(edges) % 2:
                 raise GenotypeError(f"{name} must list two edges per node, got {len(edges)} edges")
             for index, (op, source) in enumerate(edges):
@@ -40,20 +45,25 @@ class Genotype:
                 if not 0 <= source < 2 + index // 2:
                     raise GenotypeError(f"{name}: edge {index} reads node {source}, which does not exist yet")
 
-    def to_dict(self) -> Dict[str, list]:
+    def to_dict(self) -> Dict[str, Optional[list]]:
         return {"normal": [list(e) for e in self.normal], "normal_concat": list(self.normal_concat),
-                "reduce": [list(e) for e in self.reduce], "reduce_concat": list(self.reduce_concat)}
+                "reduce": None if self.reduce is None else [list(e) for e in self.reduce],
+                "reduce_concat": None if self.reduce_concat is None else list(self.reduce_concat)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Dict) -> "Genotype":
+        """From ``to_dict``'s form; a search record whose ``searched_cells`` lacks ``reduce`` (written before
+        unsearched cells were left out: its reduce list came from untouched initial weights) has no reduce cell."""
         try:
+            searched = data.get("searched_cells")
+            unsearched = data["reduce"] is None or (searched is not None and "reduce" not in searched)
             return cls(normal=tuple((str(op), int(src)) for op, src in data["normal"]),
                        normal_concat=tuple(int(i) for i in data["normal_concat"]),
-                       reduce=tuple((str(op), int(src)) for op, src in data["reduce"]),
-                       reduce_concat=tuple(int(i) for i in data["reduce_concat"]))
+                       reduce=None if unsearched else tuple((str(op), int(src)) for op, src in data["reduce"]),
+                       reduce_concat=None if unsearched else tuple(int(i) for i in data["reduce_concat"]))
         except (KeyError, TypeError, ValueError) as error:
             raise GenotypeError(f"not a genotype: {error!r}; expected keys normal, normal_concat, reduce, reduce_concat") from None
 

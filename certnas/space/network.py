@@ -143,6 +143,12 @@ class DartsNetwork(nn.Module):
             C_stem = C
             self.stem, self.stem1 = imagenet_stems(in_channels, C)
         C_prev_prev, C_prev, C_curr = C_stem, C_stem, C
+        needed = [i for i in range(layers) if is_reduction(i, layers)]
+        if needed and genotype.reduce is None:
+            raise GenotypeError(f"the genotype has no searched reduction cell (its search had fewer than 3 cells), and "
+                                f"a network of {layers} cells has one at cell{'s' if len(needed) > 1 else ''} "
+                                f"{', '.join(map(str, needed))}: train with --layers 2 or fewer, or search with "
+                                f"--layers 3 or more")
         self.cells = nn.ModuleList()
         self.auxiliary_index = 2 * layers // 3 if auxiliary else -1
         self.auxiliary_head = None

@@ -200,6 +200,8 @@ class SearchNetwork(nn.Module):
             edges = self.edge_weights(reduction) if self.edge_normalization else None
             cells[name] = derive_cell(self.mixing_weights(reduction), self.steps, self.primitives, edges)
         concat = tuple(range(2 + self.steps - self.multiplier, self.steps + 2))
+        if not any(self.cell_types()):  # no reduction cell: its weights never moved, so no cell is derived
+            return Genotype(cells["normal"], concat, None, None)
         return Genotype(cells["normal"], concat, cells["reduce"], concat)
 
     def weight_parameters(self) -> Iterator[nn.Parameter]:

@@ -223,3 +223,10 @@ def test_bad_config_files_are_one_line_and_exit_code_2(tmp_path, text, match):
     result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and match in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_option_reference_in_docs_is_current():
+    """docs/cli.md is generated from the option declarations: regenerate it (python -m certnas.cli_reference
+    --write) when an option changes."""
+    from certnas.cli_reference import DOCS, reference
+    assert DOCS.read_text() == reference()

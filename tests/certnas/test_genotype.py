@@ -59,3 +59,32 @@ def test_unknown_setting_suggests_the_close_match():
     with pytest.raises(ConfigError, match="did you mean 'gamma'"):
         from_dict(SearchConfig, {"gama": 0.1})
     assert from_dict(SearchConfig, {"gamma": 0.1}).gamma == 0.1
+
+
+def test_a_search_without_a_reduction_cell_leaves_the_reduce_cell_unsearched(tmp_path):
+    """A 2-cell supernet has no reduction cell: its genotype says so (reduce null) instead of reporting the argmax
+    of untouched initial weights, and a network that needs a reduction cell is refused in one line."""
+    import json
+    from click.testing import CliRunner
+    from certnas.cli import main
+    from certnas.space.network import DartsNetwork
+    from certnas.space.supernet import SearchNetwork
+    two = SearchNetwork(C=4, num_classes=10, layers=2, in_channels=1, steps=4, multiplier=4, mean=(0.13,), std=(0.31,))
+    genotype = two.genotype()
+    assert genotype.reduce is None and genotype.to_dict()["reduce"] is None
+    assert Genotype.from_json(genotype.to_json()) == genotype
+    three = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1, steps=4, multiplier=4, mean=(0.13,), std=(0.31,))
+    assert three.genotype().reduce is not None
+    # a record written before: a reduce list beside searched_cells ["normal"] is not a searched cell
+    record = {**three.genotype().to_dict(), "searched_cells": ["normal"]}
+    assert Genotype.from_dict(record).reduce is None
+    assert Genotype.from_dict({**record, "searched_cells": ["normal", "reduce"]}).reduce == three.genotype().reduce
+    DartsNetwork(genotype, 4, 10, 2, 1, (0.13,), (0.31,))  # two cells need no reduction cell
+    with pytest.raises(GenotypeError, match="no searched reduction cell .* has one at cells 1, 2: train with --layers 2"):
+        DartsNetwork(genotype, 4, 10, 3, 1, (0.13,), (0.31,))
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["-q", "train", "--genotype", str(path), "--layers", "3", "--stem", "cifar", "--epochs", "1",
+                                       "--train-limit", "32", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no searched reduction cell" in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1

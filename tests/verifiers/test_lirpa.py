@@ -78,3 +78,15 @@ def test_import_changes_no_warning_filters():
                             cwd=__import__("pathlib").Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
+
+
+def test_an_untested_auto_lirpa_release_is_refused_in_one_line():
+    """The patches replace auto_LiRPA internals: only the release they were tested with is accepted (the import
+    of verifiers.lirpa runs this check on the installed version)."""
+    from verifiers.errors import EnvironmentVersionError
+    from verifiers.lirpa import TESTED_VERSIONS, _installed_version, check_version
+    assert _installed_version() in TESTED_VERSIONS
+    check_version(TESTED_VERSIONS[0])
+    with pytest.raises(EnvironmentVersionError, match=r"patches auto-LiRPA 0\.3, and this environment has 0\.7\.1") as info:
+        check_version("0.7.1")
+    assert "\n" not in str(info.value)
