@@ -487,13 +487,13 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
 
 def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *,
                         norm: Union[float, str] = math.inf,
-                        method: Union[str, BoundMethod] = "crown-ibp") -> torch.Tensor:
+                        method: Union[str, BoundMethod] = "crown-ibp", engine: str = "auto") -> torch.Tensor:
     """Per-class lower bounds ``m_j <= logit_y - logit_j`` over the ball, (B, K), 0 at ``j = y``.
 
     ``cross_entropy(-m, y)`` is the certified-training loss of IBP / CROWN-IBP: an upper bound on
     the worst-case cross entropy in the ball.
     """
-    rows, y, num_classes = _margin_rows(model, x, y, eps, norm, method)
+    rows, y, num_classes = _margin_rows(model, x, y, eps, norm, method, engine)
     full = torch.zeros(len(y), num_classes, device=rows.device, dtype=rows.dtype)
     others = torch.arange(num_classes, device=y.device).expand(len(y), -1)
     others = others[others != y.unsqueeze(1)].view(len(y), num_classes - 1)

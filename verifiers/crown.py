@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from verifiers import interval
 from verifiers.errors import BoundInputError, UnsupportedModelError
-from verifiers.interval import Interval, Node, ReluRelaxation, _expand_like, back_substitute
+from verifiers.interval import Interval, Node, ReluRelaxation, back_substitute
 from verifiers.perturbation import Norm, Perturbation
 from verifiers.rewrite import sound_view
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from verifiers.bab import BabOptions
 from verifiers.errors import UnsupportedModelError
 from verifiers.rounding import RTOL, certified_slack
 from verifiers.verify import METHODS, REGISTRY, SoundnessError
@@ -135,11 +136,11 @@ def check_property(model: nn.Module, prop: Property, input_shape: Sequence[int],
                    methods: Sequence[str] = METHODS, restarts: int = 10, steps: int = 100,
                    seed: int = 0, confirm: Optional[Confirm] = None, milp_max_relus: int = 2000,
                    guard: bool = True, log: Optional[Callable[[str], None]] = None,
-                   bab: Optional["BabOptions"] = None, began: Optional[float] = None) -> VnnResult:
+                   bab: Optional[BabOptions] = None, began: Optional[float] = None) -> VnnResult:
     """Decide ``prop`` on ``model`` (input of shape ``input_shape``, batch axis first, size 1). The deadline
     is ``timeout`` seconds after ``began`` (a ``time.perf_counter()`` reading; default: now), so a caller's
-    start-up counts. ``bab``: branch and bound on what the bound methods leave open (before milp), with these
-    options (``BabOptions()`` by default; pass None in ``methods`` order by leaving "bab" out)."""
+    start-up counts. ``bab``: the options of branch and bound (the "bab" method: on what the bound methods leave
+    open, before milp; default ``BabOptions()``)."""
     began = time.perf_counter() if began is None else began
     # stop a little early: writing the verdict and leaving the process take time too (a run that stopped at the
     # deadline exited 2.3 s after it)
@@ -219,7 +220,7 @@ def _branch_and_bound(model, prop: Property, lower: torch.Tensor, upper: torch.T
                       deadline: float, shape, confirm, options, restarts: int, steps: int, seed: int, note):
     """"unsat", "timeout" or a confirmed counterexample (x, y): branch and bound on the clauses still open
     (input splitting for networks with few inputs, ReLU splitting otherwise)."""
-    from verifiers.bab import BabOptions, Specification, input_branch_and_bound, relu_branch_and_bound
+    from verifiers.bab import Specification, input_branch_and_bound, relu_branch_and_bound
     options = options or BabOptions()
     C, b, offsets = _bound_rows(prop, open_clauses)
     centre = (lower + upper) / 2
