@@ -1,6 +1,7 @@
 """Where full CROWN spends its time on one network: seconds per intermediate node (the node, the form
 of the specification it starts from, how many of its neurons are back-substituted), the total, and
-the peak resident memory, for one margin bound of one test sample.
+the peak resident memory, for one margin bound of one test sample, on auto_LiRPA (``engine="lirpa"``; the
+tape engine is timed by ``benchmarks.bench_radius``).
 
     python -m benchmarks.crown_profile MODEL.pt [--eps 0.005] [--max-rows 2048] [--sample 0] [--batch 1]
         [--device cuda]
@@ -88,7 +89,7 @@ def main(argv=None) -> Dict:
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            margin = bounds.margin_lower_bound(model, x, y, args.eps, method="crown")
+            margin = bounds.margin_lower_bound(model, x, y, args.eps, method="crown", engine="lirpa")
         sync()
         total = time.perf_counter() - start
     finally:

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from certnas.attacks import ATTACKS
-from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+from certnas.config import (ConfigError, check_choices, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
                             samples_setting, seed_setting, setting)
 from certnas.evaluation import Evaluation, predict, prepare
 from certnas.files import atomic_write_json, atomic_write_text, environment
@@ -29,7 +29,8 @@ class AttackConfig:
     """Settings of ``certnas attack``. steps / restarts apply to pgd and cw; fgsm is one step;
     AutoAttack (standard version) sets its own."""
     attacks: Tuple[str, ...] = setting(ATTACK_NAMES, "fgsm, pgd, cw, autoattack, a comma-separated list, or all.",
-                                       kind="list", flag="--attack", everything=ATTACK_NAMES, shown="all")
+                                       kind="list", flag="--attack", everything=ATTACK_NAMES, shown="all",
+                                       choices=ATTACK_NAMES)
     eps: float = eps_setting(0.1, "0.1")
     norm: str = norm_setting()
     steps: int = setting(100, "Steps of pgd and cw.")
@@ -44,13 +45,9 @@ class AttackConfig:
     device: str = device_setting()
 
     def validate(self) -> "AttackConfig":
-        for name in self.attacks:
-            if name not in ATTACKS:
-                raise ConfigError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}, all")
+        check_choices(self)
         if self.steps < 1 or self.restarts < 1 or self.batch_size < 1:
             raise ConfigError("steps, restarts and batch_size must be >= 1")
-        if self.autoattack_version not in ("standard", "fast"):
-            raise ConfigError(f"autoattack_version must be standard or fast, got {self.autoattack_version!r}")
         if self.eps < 0:
             raise ConfigError(f"eps must be >= 0, got {self.eps}")
         return self

@@ -434,12 +434,12 @@ def verify(ctx, model, shard, out, vnnlib, timeout, result_file, **settings):
 
 
 def _verify_vnnlib(ctx, model, vnnlib, timeout, result_file, methods, seed, device) -> None:
-    from certnas.vnn_run import VnnConfig, process_started, run_vnnlib
+    from certnas.vnn_run import VnnConfig, command_started, run_vnnlib
     from verifiers.verify import parse_methods
     chosen = tuple(parse_methods(methods))  # all: the registry's cascade order
     config = VnnConfig(timeout=timeout, methods=chosen, seed=seed, device=device)
     log = None if ctx.obj["quiet"] else (lambda line: click.echo(line, err=True))
-    result = run_vnnlib(config, Path(model), Path(vnnlib), result_file, log=log, began=process_started())
+    result = run_vnnlib(config, Path(model), Path(vnnlib), result_file, log=log, began=command_started())
     if not ctx.obj["quiet"]:
         click.echo(f"decided by {result.decided_by} in {result.seconds:.2f} s" if result.verdict in ("sat", "unsat")
                    else f"undecided after {result.seconds:.2f} s", err=True)

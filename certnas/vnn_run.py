@@ -54,6 +54,17 @@ def process_started() -> float:
     return time.perf_counter() - age
 
 
+def command_started() -> float:
+    """Where a ``certnas verify --vnnlib`` deadline counts from: the process's start (``process_started``) when the
+    process was started to run the command (``certnas ...`` or ``python -m certnas.cli ...``), else now (the
+    command called from a longer-lived process, such as a test runner or a notebook, whose earlier life is not
+    this command's)."""
+    import sys
+    import time
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return process_started() if program in ("certnas", "cli.py") else time.perf_counter()
+
+
 def run_vnnlib(config: VnnConfig, model_path: Path, vnnlib_path: Path, result_file: Optional[Path] = None,
                log: Optional[Callable[[str], None]] = None, began: Optional[float] = None) -> VnnResult:
     """Decide the property; write the VNN-COMP result file when ``result_file`` is given. The timeout counts

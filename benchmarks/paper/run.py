@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<scale>")
     parser.add_argument("--crown-n", type=int, default=None,
                         help="test samples with a full-CROWN radius (the first of the verify samples; default: the "
-                             "scale's, 4 at cpu scale, about a minute per sample and norm on 2 cores); 0: none")
+                             "scale's, 2 at cpu scale, about a minute per sample and norm on 2 cores); 0: none")
     parser.add_argument("--crown-device", default=None,
                         help="device of the full-CROWN stage only (default: --device), e.g. cuda to add the CROWN "
                              "column to tables whose other stages ran on a CPU")

@@ -79,7 +79,7 @@ SCALES = {
                  train={"head_grid": 1, "layers": 3, "init_channels": 8, "epochs": 3, "batch_size": 64, "eval_limit": 1000,
                         "stem": "cifar"},
                  attack_n=100, attack_steps=100, autoattack_version="fast", verify_n=100, radius_steps=10,
-                 verify_pgd_steps=10, crown_n=4,
+                 verify_pgd_steps=10, crown_n=2,
                  eps={"mnist": {"inf": 0.05, "2": 0.5}, "cifar10": {"inf": 2 / 255, "2": 0.1}},
                  verify_eps={"mnist": {"inf": 0.005, "2": 0.05}, "cifar10": {"inf": 0.5 / 255, "2": 0.01}},
                  # Downsampled (32x32) ImageNet, as in Chrabaszcz et al. 2017, on a 10,000-image subset.

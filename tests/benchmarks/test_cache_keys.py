@@ -50,7 +50,7 @@ def test_every_committed_claim_record_finds_its_cached_search_and_training(monke
     from benchmarks import claim
     asked = []
 
-    def lookup(cache, stage, key, marker, run):  # where the stage would be; never runs it
+    def lookup(cache, stage, key, marker, run, inputs=None):  # where the stage would be; never runs it
         asked.append(Path(cache) / f"{stage}-{key}")
         return asked[-1]
 

@@ -74,3 +74,19 @@ def test_bad_vnnlib_input_is_one_line_and_exit_code_2(models, tmp_path, args, ma
     result = CliRunner().invoke(main, ["verify", str(onnx_path), *args])
     assert result.exit_code == 2
     assert match in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_vnnlib_deadline_counts_start_up_only_in_a_process_started_for_the_command(monkeypatch):
+    """A process started to run ``certnas verify --vnnlib`` counts its start-up against the timeout (VNN-COMP's
+    rule); called from a longer-lived process (this test runner) the deadline starts now, or a runner that has
+    lived longer than the timeout would answer timeout at once."""
+    import sys
+    import time
+    from certnas import vnn_run
+    monkeypatch.setattr(vnn_run, "process_started", lambda: -1e9)
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest", "-q"])
+    before = time.perf_counter()
+    assert before <= vnn_run.command_started() <= time.perf_counter()
+    for program in ("/venv/bin/certnas", "/repo/certnas/cli.py"):
+        monkeypatch.setattr(sys, "argv", [program, "verify"])
+        assert vnn_run.command_started() == -1e9

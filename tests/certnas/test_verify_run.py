@@ -44,7 +44,7 @@ def test_radius_rows_and_the_attack_radius_bound_them(models, tmp_path):
 def test_darts_network_is_verified_by_ibp_and_crown_ibp_and_crown_is_refused_or_skipped(models, tmp_path):
     summary = run_verify(VerifyConfig(methods=("all",), eps=0.005, n=10, crown_max_relus=1000), models["darts"],
                          tmp_path, quiet=True)
-    assert set(summary["skipped"]) == {"crown", "alpha-crown", "milp"}
+    assert set(summary["skipped"]) == {"crown", "alpha-crown", "bab", "milp"}
     with pytest.raises(UnsupportedModelError, match="crown-max-relus"):
         run_verify(VerifyConfig(methods=("crown",), eps=0.005, n=4, crown_max_relus=1000), models["darts"], tmp_path,
                    quiet=True)
@@ -133,3 +133,22 @@ def test_verify_json_counts_the_margins_rechecked_in_float64_and_shards_sum_them
     for i in range(2):
         sharded = run_verify(config, models["mlp"], tmp_path / "sharded", quiet=True, shard=(i, 2))
     assert sharded["rounding"] == summary["rounding"]
+
+
+@pytest.mark.parametrize("cls_path", ["certnas.search:SearchConfig", "certnas.train:TrainConfig",
+                                      "certnas.attack_eval:AttackConfig", "certnas.verify_run:VerifyConfig"])
+def test_every_declared_choice_is_checked_from_its_declaration(cls_path):
+    """certnas.config.check_choices: a value outside a setting's declared choices is one ConfigError naming
+    it, for every such setting of every command's configuration (nothing re-checked by hand)."""
+    import dataclasses
+    import importlib
+    from certnas.config import ConfigError
+    module, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    declared = [f for f in dataclasses.fields(cls) if f.metadata.get("choices")]
+    assert declared
+    for field in declared:
+        bad = ("no-such-choice",) if field.metadata.get("kind") == "list" else "no-such-choice"
+        config = dataclasses.replace(cls(), **{field.name: bad})
+        with pytest.raises(ConfigError, match=f"unknown {field.name.replace('_', ' ')} 'no-such-choice'; known: "):
+            config.validate()
