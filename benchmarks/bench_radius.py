@@ -33,7 +33,10 @@ EPS_MIN, STEPS, PGD_STEPS = 1e-6, 10, 10
 def _default_model() -> Path:
     from benchmarks.paper.pipeline import Pipeline
     from benchmarks.paper.scales import SCALES
-    return Pipeline(SCALES["cpu"], RESULTS / "cpu", None, "cpu").train("DSRNA-CB", "mnist", 0) / "model.pt"
+    pipeline = Pipeline(SCALES["cpu"], RESULTS / "cpu", None, "cpu")
+    model = pipeline.train("DSRNA-CB", "mnist", 0) / "model.pt"
+    pipeline.ensure_model(model)
+    return model
 
 
 def _measure(method: str, model_path: str, indices: List[int], norm: str, threads: int) -> Dict[str, Any]:

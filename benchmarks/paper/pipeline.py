@@ -52,6 +52,7 @@ class Pipeline:
         self.scale, self.out, self.data_root, self.device, self.quiet = scale, Path(out), data_root, device, quiet
         self.crown_device, self.crown_seeds, self.crown_cached_only = crown_device or device, crown_seeds, crown_cached_only
         self.cache = self.out / "cache"
+        self._retrain: Dict[Path, Any] = {}  # model file -> how to train it again (see _train_stage)
 
     def available(self, name: str) -> Optional[str]:
         """None if the data set can be loaded, else the reason it cannot."""
@@ -94,20 +95,46 @@ class Pipeline:
         # The genotype path is where this clone keeps its cache: the key names the search stage instead,
         # so a moved or cloned results folder keeps its cache.
         key = config_hash(stage, {**stage_settings(config), "genotype": None}, searched.name)
-        return self._stage(stage, key, "model.pt",
-                           lambda folder, resume: train(config, folder, resume=resume, force=not resume, quiet=self.quiet))
+        folder = self.cache / f"{stage}-{key}"
 
-    def attack(self, model: Path, dataset: str, norm: str) -> Dict[str, Any]:
+        def retrain() -> Path:
+            return self._stage(stage, key, "model.pt",
+                               lambda out, resume: train(config, out, resume=resume, force=not resume, quiet=self.quiet))
+        if not (folder / "model.pt").is_file() and (folder / "summary.json").is_file() and (folder / "stage.json").is_file():
+            # a finished stage whose model file is not in this clone (model files are not committed): its
+            # evaluations are read from the cache, and it is trained again only where one must run (ensure_model)
+            self._retrain[folder / "model.pt"] = retrain
+            return folder
+        return retrain()
+
+    def ensure_model(self, model: Path) -> None:
+        """Train ``model`` again if its file is not here. The retrained network is not bit-identical to the one
+        the cached evaluations measured, so its evaluations are keyed by its own digest and all run again."""
+        retrain = self._retrain.pop(Path(model), None)
+        if retrain is not None and not Path(model).is_file():
+            retrain()
+
+    def attack(self, model: Path, dataset: str, norm: str, cached_only: bool = False) -> Optional[Dict[str, Any]]:
+        """The attacks of ``norm`` at the scale's eps; ``cached_only``: None unless the stage is in the cache."""
         attacks = ("fgsm", "pgd", "cw") if norm == "inf" else ("autoattack",)
         config = AttackConfig(attacks=attacks, eps=self.scale.eps[dataset][norm], norm=norm, steps=self.scale.attack_steps,
                               n=self.scale.attack_n, autoattack_version=self.scale.autoattack_version,
                               data_root=self._root(dataset), device=self.device)
-        return self._attack_stage(config, model)
+        return self._attack_stage(config, model, cached_only)
 
-    def _attack_stage(self, config: AttackConfig, model: Path) -> Dict[str, Any]:
-        folder = self._stage("attack", config_hash("attack", asdict(config), _model_key(model)), "attack.json",
-                             lambda folder, resume: run_attacks(config, model, folder, quiet=self.quiet), model)
-        return json.loads((folder / "attack.json").read_text())
+    def _attack_stage(self, config: AttackConfig, model: Path, cached_only: bool = False) -> Optional[Dict[str, Any]]:
+        folder = self._evaluation("attack", lambda: config_hash("attack", asdict(config), _model_key(model)), "attack.json",
+                                  lambda out, resume: run_attacks(config, model, out, quiet=self.quiet), model, cached_only)
+        return None if folder is None else json.loads((folder / "attack.json").read_text())
+
+    def _evaluation(self, stage: str, key, marker: str, run, model: Path, cached_only: bool) -> Optional[Path]:
+        """The folder of a stage evaluating ``model`` (``key()`` names it): from the cache, else None where
+        ``cached_only``, else run (the model trained again first if its file is not here, which changes the key)."""
+        folder = cached(self.cache, stage, key(), marker, evaluated(model))
+        if folder is not None or cached_only:
+            return folder
+        self.ensure_model(model)
+        return self._stage(stage, key(), marker, run, model)
 
     def verify(self, model: Path, dataset: str, norm: str, methods=("ibp", "crown-ibp"),
                n: Optional[int] = None, device: Optional[str] = None,
@@ -122,14 +149,10 @@ class Pipeline:
                               radius_min=self.scale.radius_min,
                               pgd_steps=self.scale.verify_pgd_steps, data_root=self._root(dataset),
                               device=device or self.device, **({"crown_max_relus": 0, "at_eps": False} if crown else {}))
-        key = config_hash("verify", asdict(config), _model_key(model))
-        if cached_only:
-            folder = cached(self.cache, "verify", key, "verify.json", evaluated(model))
-            if folder is None:
-                return None
-        else:
-            folder = self._stage("verify", key, "verify.json",
-                                 lambda folder, resume: run_verify(config, model, folder, quiet=self.quiet), model)
+        folder = self._evaluation("verify", lambda: config_hash("verify", asdict(config), _model_key(model)), "verify.json",
+                                  lambda out, resume: run_verify(config, model, out, quiet=self.quiet), model, cached_only)
+        if folder is None:
+            return None
         stamp = folder / "stage.json"
         seconds = json.loads(stamp.read_text()).get("seconds") if stamp.is_file() else None
         return {"summary": json.loads((folder / "verify.json").read_text()), "csv": folder / "verify.csv",
@@ -143,14 +166,16 @@ class Pipeline:
                              data_root=self._root("imagenet"), image_size=self._image_size("imagenet"), seed=seed,
                              device=self.device)
         trained = self._train_stage("transfer", config, searched)
+        attack = AttackConfig(attacks=("fgsm", "pgd"), eps=self.scale.imagenet["eps"], norm="inf",
+                              steps=self.scale.attack_steps, n=self.scale.attack_n, data_root=self._root("imagenet"),
+                              device=self.device)
+        if self._attack_stage(attack, trained / "model.pt", cached_only=True) is None:
+            self.ensure_model(trained / "model.pt")
         summary = json.loads((trained / "summary.json").read_text())
         record: Dict[str, Any] = {"row": row, "dataset": "imagenet", "seed": seed, "scale": self.scale.name,
                                   "cell_searched_on": "cifar10", "train_test_acc": summary["test_acc"],
                                   "train_test_top5_acc": summary.get("test_top5_acc"),
                                   "test_samples": summary["test_samples"]}
-        attack = AttackConfig(attacks=("fgsm", "pgd"), eps=self.scale.imagenet["eps"], norm="inf",
-                              steps=self.scale.attack_steps, n=self.scale.attack_n, data_root=self._root("imagenet"),
-                              device=self.device)
         for result in self._attack_stage(attack, trained / "model.pt")["results"]:
             record[f"attack_{result['attack']}_inf"] = result["robust_accuracy"]
         return record
@@ -160,6 +185,8 @@ class Pipeline:
         stage and its ``attack_*`` values where ``attacks`` is False: only the game tables need them)."""
         searched = self.search(row, dataset, seed)
         trained = self.train(row, dataset, seed)
+        if not self._evaluated(trained / "model.pt", dataset, seed, attacks):
+            self.ensure_model(trained / "model.pt")  # one network behind every value of the record
         record: Dict[str, Any] = {"row": row, "dataset": dataset, "seed": seed, "scale": self.scale.name,
                                   "search_seconds": json.loads((searched / "stage.json").read_text())["seconds"]
                                   if (searched / "stage.json").is_file() else None,
@@ -172,7 +199,7 @@ class Pipeline:
             record[f"radius_{norm}"] = verified["summary"]["radius"]
             record[f"radius_csv_{norm}"] = str(verified["csv"].relative_to(self.out))
             crown = None
-            if self.scale.crown_n and (self.crown_seeds is None or seed < self.crown_seeds):
+            if self.scale.crown_n and (self.crown_seeds is None or seed < self.crown_seeds):  # see _crown_wanted
                 crown = self.verify(trained / "model.pt", dataset, norm, methods=("crown",), n=self.scale.crown_n,
                                     device=self.crown_device, cached_only=self.crown_cached_only)
             if crown is not None:
@@ -184,6 +211,22 @@ class Pipeline:
             record[f"verify_eps_{norm}"] = self.scale.verify_eps[dataset][norm]
             record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
         return record
+
+    def _crown_wanted(self, seed: int) -> bool:
+        return bool(self.scale.crown_n) and (self.crown_seeds is None or seed < self.crown_seeds) \
+            and not self.crown_cached_only
+
+    def _evaluated(self, model: Path, dataset: str, seed: int, attacks: bool) -> bool:
+        """Whether every stage a record of ``model`` needs is already in the cache."""
+        for norm in ("inf", "2"):
+            if attacks and self.attack(model, dataset, norm, cached_only=True) is None:
+                return False
+            if self.verify(model, dataset, norm, cached_only=True) is None:
+                return False
+            if self._crown_wanted(seed) and self.verify(model, dataset, norm, methods=("crown",), n=self.scale.crown_n,
+                                                        device=self.crown_device, cached_only=True) is None:
+                return False
+        return True
 
     def _image_size(self, name: str) -> int:
         return self.scale.imagenet["image_size"] if name == "imagenet" else self.scale.image_size

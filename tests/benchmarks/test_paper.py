@@ -41,6 +41,23 @@ def test_paper_pipeline_runs_end_to_end_and_reuses_its_cache(tmp_path):
     out.rename(moved)
     paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved)])
     assert sorted(p.name for p in (moved / "cache").iterdir()) == stages
+    # a fresh clone has no model files (they are not committed): the tables come from the cache, nothing retrained
+    table = (moved / "certified_mnist.md").read_text()
+    for model in moved.glob("cache/*/*.pt"):  # model files and checkpoints are git-ignored
+        model.unlink()
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved)])
+    assert sorted(p.name for p in (moved / "cache").iterdir()) == stages and not list(moved.glob("cache/*/model.pt"))
+    assert (moved / "certified_mnist.md").read_text() == table
+    # a stage that is not cached (CROWN on more samples) trains the network again, and every value of the
+    # record is then measured on that network
+    paper.main(["--scale", "tiny", "--seeds", "1", "--rows", "DARTS", "--out", str(moved), "--crown-n", "3"])
+    [model] = list(moved.glob("cache/train-*/model.pt"))
+    digest = json.loads((model.parent / "stage.json").read_text())["model_sha256"]
+    [record] = [json.loads(line) for line in (moved / "records.jsonl").read_text().splitlines()]
+    assert record["crown_n"] == 3
+    for key in ("radius_csv_inf", "crown_csv_inf", "radius_csv_2", "crown_csv_2"):
+        stamp = json.loads(((moved / record[key]).parent / "stage.json").read_text())
+        assert stamp["inputs"]["model"] == digest, key
 
 
 @pytest.mark.slow
