@@ -98,6 +98,10 @@ class Pipeline:
         folder = self.cache / f"{stage}-{key}"
 
         def retrain() -> Path:
+            if (folder / "summary.json").is_file() and not (folder / "model.pt").is_file():
+                # the stage finished; a checkpoint left from its run (a fresh clone has none) would resume it
+                # with the settings of then: train from the start, as a fresh clone does
+                (folder / "checkpoint.pt").unlink(missing_ok=True)
             return self._stage(stage, key, "model.pt",
                                lambda out, resume: train(config, out, resume=resume, force=not resume, quiet=self.quiet))
         if not (folder / "model.pt").is_file() and (folder / "summary.json").is_file() and (folder / "stage.json").is_file():
