@@ -97,19 +97,19 @@ class Pipeline:
         key = config_hash(stage, {**stage_settings(config), "genotype": None}, searched.name)
         folder = self.cache / f"{stage}-{key}"
 
-        def retrain() -> Path:
-            if (folder / "summary.json").is_file() and not (folder / "model.pt").is_file():
-                # the stage finished; a checkpoint left from its run (a fresh clone has none) would resume it
-                # with the settings of then: train from the start, as a fresh clone does
-                (folder / "checkpoint.pt").unlink(missing_ok=True)
-            return self._stage(stage, key, "model.pt",
-                               lambda out, resume: train(config, out, resume=resume, force=not resume, quiet=self.quiet))
+        def run(out: Path, resume: bool):
+            return train(config, out, resume=resume, force=not resume, quiet=self.quiet)
         if not (folder / "model.pt").is_file() and (folder / "summary.json").is_file() and (folder / "stage.json").is_file():
             # a finished stage whose model file is not in this clone (model files are not committed): its
             # evaluations are read from the cache, and it is trained again only where one must run (ensure_model)
+            def retrain() -> Path:
+                # from the start, as a fresh clone does: a checkpoint left by the finished run would resume it
+                # with the settings of then
+                (folder / "checkpoint.pt").unlink(missing_ok=True)
+                return self._stage(stage, key, "model.pt", run)
             self._retrain[folder / "model.pt"] = retrain
             return folder
-        return retrain()
+        return self._stage(stage, key, "model.pt", run)
 
     def ensure_model(self, model: Path) -> None:
         """Train ``model`` again if its file is not here. The retrained network is not bit-identical to the one
@@ -203,7 +203,7 @@ class Pipeline:
             record[f"radius_{norm}"] = verified["summary"]["radius"]
             record[f"radius_csv_{norm}"] = str(verified["csv"].relative_to(self.out))
             crown = None
-            if self.scale.crown_n and (self.crown_seeds is None or seed < self.crown_seeds):  # see _crown_wanted
+            if self._crown_seed(seed):
                 crown = self.verify(trained / "model.pt", dataset, norm, methods=("crown",), n=self.scale.crown_n,
                                     device=self.crown_device, cached_only=self.crown_cached_only)
             if crown is not None:
@@ -216,9 +216,9 @@ class Pipeline:
             record[f"clean_{norm}"] = next(r["accuracy"] for r in verified["summary"]["results"] if r["method"] == "clean")
         return record
 
-    def _crown_wanted(self, seed: int) -> bool:
-        return bool(self.scale.crown_n) and (self.crown_seeds is None or seed < self.crown_seeds) \
-            and not self.crown_cached_only
+    def _crown_seed(self, seed: int) -> bool:
+        """Whether the CROWN column covers this seed (its stage then read, and run unless crown_cached_only)."""
+        return bool(self.scale.crown_n) and (self.crown_seeds is None or seed < self.crown_seeds)
 
     def _evaluated(self, model: Path, dataset: str, seed: int, attacks: bool) -> bool:
         """Whether every stage a record of ``model`` needs is already in the cache."""
@@ -227,7 +227,7 @@ class Pipeline:
                 return False
             if self.verify(model, dataset, norm, cached_only=True) is None:
                 return False
-            if self._crown_wanted(seed) and self.verify(model, dataset, norm, methods=("crown",), n=self.scale.crown_n,
+            if self._crown_seed(seed) and not self.crown_cached_only and self.verify(model, dataset, norm, methods=("crown",), n=self.scale.crown_n,
                                                         device=self.crown_device, cached_only=True) is None:
                 return False
         return True
