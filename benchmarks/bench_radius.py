@@ -18,6 +18,7 @@ import concurrent.futures
 import multiprocessing
 import resource
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,8 +40,17 @@ def _default_model() -> Path:
     return model
 
 
-def _measure(method: str, model_path: str, indices: List[int], norm: str, threads: int) -> Dict[str, Any]:
-    """Runs in a fresh process: radii and seconds of one method on the digits, and the process's peak memory."""
+def _shown(path: Path) -> str:
+    """A model path as the record shows it: relative to the repository where it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def _measure(method: str, model_path: str, n: int, norm: str, threads: int) -> Dict[str, Any]:
+    """Runs in a fresh process: radii and seconds of one method on the first ``n`` correctly classified digits
+    (a misclassified one has radius 0 whatever the method), and the process's peak memory."""
     import torch
     from certnas.evaluation import prepare
     from certnas.verify_run import VerifyConfig, falsifier_for
@@ -51,6 +61,9 @@ def _measure(method: str, model_path: str, indices: List[int], norm: str, thread
     evaluation = prepare(Path(model_path), data=None, data_root=None, n=100, seed=0, device="cpu")
     model = evaluation.model
     falsifier = falsifier_for(model, VerifyConfig(norm=norm, pgd_steps=PGD_STEPS))
+    with torch.no_grad():
+        correct = (model(evaluation.x).argmax(1) == evaluation.y).nonzero().flatten().tolist()
+    indices = correct[:n]
     rows = []
     for i in indices:
         x, y = evaluation.x[i:i + 1], evaluation.y[i:i + 1]
@@ -73,7 +86,8 @@ def _measure(method: str, model_path: str, indices: List[int], norm: str, thread
 def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a certnas model file (default: see above)")
-    parser.add_argument("--n", type=int, default=3, help="test digits (the first n of the pipeline's verify samples)")
+    parser.add_argument("--n", type=int, default=3,
+                        help="test digits (the first n correctly classified of the pipeline's verify samples)")
     parser.add_argument("--norms", default="inf,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_radius.json")
@@ -91,7 +105,7 @@ def main(argv=None) -> Dict[str, Any]:
     for norm in norms:
         for method in ("root search", "bisection"):
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-                result = pool.submit(_measure, method, str(model), list(range(args.n)), norm, args.threads).result()
+                result = pool.submit(_measure, method, str(model), args.n, norm, args.threads).result()
             rows += result["rows"]
             memory[f"{method} {norm}"] = result["peak_mb"]
             for row in result["rows"]:
@@ -106,8 +120,9 @@ def main(argv=None) -> Dict[str, Any]:
                          "largest_relative_difference": max(abs(r - 1) for r in ratios) if ratios else None,
                          "median_probes": statistics.median(r["probes"] for r in mine["root search"]),
                          "peak_mb": {m: memory[f"{m} {norm}"] for m in mine}}
-    record = {"benchmark": "bench_radius", "command": "python -m benchmarks.bench_radius " + " ".join(argv or []),
-              "model": str(model), "threads": args.threads, "digits": args.n, "minutes": round((time.time() - began) / 60, 1),
+    argv = sys.argv[1:] if argv is None else argv
+    record = {"benchmark": "bench_radius", "command": " ".join(["python -m benchmarks.bench_radius", *argv]),
+              "model": _shown(model), "threads": args.threads, "digits": args.n, "minutes": round((time.time() - began) / 60, 1),
               "rows": rows, "summary": summary, "environment": environment()}
     write_json(args.out, record)
     print_table([{"norm": n, **{k: v for k, v in s.items() if not isinstance(v, dict)},

@@ -8,10 +8,16 @@ Reference models (untrained weights; speed does not depend on them): the default
 ``--init-channels``; 28x28) for ibp / crown-ibp, and a 784-128-128-10
 MLP for crown / alpha-crown / milp; full CROWN and alpha-CROWN on the DARTS network too, on
 ``--crown-n`` / ``--alpha-n`` samples (0: skip). Target (issue 5): batched bisection >= 5x the per-sample loop.
+Branch and bound (``--bab-n`` samples, ``--bab-seconds`` each): on the MLP at an eps between the CROWN and the
+PGD radius of each sample (the ball CROWN leaves open), in a process of its own: subdomains bounded per
+second and the process's peak resident memory.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import resource
 import time
 import warnings
 from pathlib import Path
@@ -33,12 +39,41 @@ def _timed(task) -> float:
     return time.perf_counter() - start
 
 
+def _bab_measure(hidden: int, n: int, seconds: float, threads: int) -> dict:
+    """In a fresh process: ReLU branch and bound on ``n`` random inputs of an untrained 784-h-h-10 MLP, each at
+    the geometric mean of its CROWN radius and its PGD radius, ``seconds`` per sample."""
+    from certnas.verify_run import VerifyConfig, falsifier_for
+    from verifiers.radius import crown_radius
+    from verifiers.verify import attack_radius, bab_sample
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    info = INFO["mnist-embedded"]
+    torch.manual_seed(1)
+    mlp = build_network(NetworkConfig("mlp", 1, 28, 10, info.mean, info.std, hidden=(hidden, hidden))).eval()
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = mlp(x).argmax(1)
+        upper = attack_radius(mlp, x, y, falsifier_for(mlp, VerifyConfig(norm="inf", pgd_steps=20)), eps_max=0.5,
+                              steps=10)
+        certified, _ = crown_radius(mlp, x, y, norm="inf", upper=upper)
+    eps = (certified.clamp_min(1e-6) * upper).sqrt()
+    began = time.perf_counter()
+    results = [bab_sample(mlp, x[i:i + 1], int(y[i]), float(eps[i]), seconds) for i in range(n)]
+    total, spent = sum(r.domains for r in results), sum(r.seconds for r in results)
+    return {"what": f"mlp bab ({seconds:g} s each)", "samples": n, "seconds": round(time.perf_counter() - began, 3),
+            "subdomains": total, "subdomains_per_s": round(total / spent, 1) if spent else None,
+            "verdicts": ",".join(r.verdict for r in results),
+            "peak_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--milp-n", type=int, default=4)
     parser.add_argument("--crown-n", type=int, default=8, help="samples for full CROWN on the DARTS network")
     parser.add_argument("--alpha-n", type=int, default=2, help="samples for alpha-CROWN on the DARTS network")
+    parser.add_argument("--bab-n", type=int, default=4, help="samples for branch and bound on the MLP (0: skip)")
+    parser.add_argument("--bab-seconds", type=float, default=20.0, help="branch and bound time per sample")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
@@ -88,9 +123,14 @@ def main(argv=None) -> dict:
                      "samples_per_s": round(args.n / batched, 2), "speedup": round(loop / batched, 2), "target": 5.0})
         rows.append({"what": f"radius darts {method} per-sample", "samples": args.n, "seconds": round(loop, 3),
                      "samples_per_s": round(args.n / loop, 2)})
+    if args.bab_n > 0:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(_bab_measure, args.hidden, args.bab_n, args.bab_seconds,
+                                    torch.get_num_threads()).result())
     print(f"verification: {args.n} samples (milp {args.milp_n}), radius bisection {args.steps} steps, device {device}")
     print_table(rows, [("what", "what", ""), ("samples", "n", "d"), ("seconds", "seconds", ".3f"),
-                       ("samples_per_s", "samples/s", ".2f"), ("speedup", "x loop", ".2f"), ("target", "target", "g")])
+                       ("samples_per_s", "samples/s", ".2f"), ("speedup", "x loop", ".2f"), ("target", "target", "g"),
+                       ("subdomains_per_s", "subdomains/s", ".1f"), ("peak_MiB", "peak MiB", ".0f")])
     write_json(args.out, {"benchmark": "bench_verify", "settings": {k: str(v) for k, v in vars(args).items()},
                           "rows": rows, "environment": environment()})
     return {"rows": rows}

@@ -231,38 +231,43 @@ def margins_by(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Te
 
 
 def _bab_margins(model, x, y, eps: torch.Tensor, time_limit: float, progress) -> List[Optional[float]]:
-    """Branch and bound per sample on the L-inf ball (intersected with [0, 1]): every margin row positive."""
-    from verifiers.bab import Specification, relu_branch_and_bound
-    from verifiers.bounds import margin_specification
-    from verifiers.rounding import RTOL, logit_scale
+    """Branch and bound per sample (``bab_sample``): the proven margin, a counterexample's margin, or None."""
     out: List[Optional[float]] = []
-    with torch.no_grad():
-        classes = model(x[:1]).shape[1]
-        scale = logit_scale(model, x)
     for i in range(len(x)):
-        xi, label = x[i:i + 1], int(y[i])
-        lower, upper = (xi - eps[i]).clamp(0, 1), (xi + eps[i]).clamp(0, 1)
-        rows = margin_specification(y[i:i + 1], classes)[0].to(x.dtype)
-        spec = Specification(rows, torch.zeros(classes - 1, dtype=x.dtype, device=x.device),
-                             [[r] for r in range(classes - 1)],
-                             torch.full((classes - 1,), float(RTOL * scale[i]), dtype=x.dtype, device=x.device))
-
-        def falsify(candidates: torch.Tensor):
-            with torch.no_grad():
-                logits = model(candidates)
-            wrong = (logits.argmax(1) != label).nonzero().flatten()
-            if not len(wrong):
-                return None
-            top = logits[wrong[0]]
-            return float(top[label] - torch.cat([top[:label], top[label + 1:]]).max())
-
-        found = relu_branch_and_bound(model, lower, upper, spec, deadline=time.perf_counter() + time_limit,
-                                      falsify=falsify)
+        found = bab_sample(model, x[i:i + 1], int(y[i]), float(eps[i]), time_limit)
         out.append(found.proven_margin if found.verdict == "unsat" else
                    found.counterexample if found.verdict == "sat" else None)
         if progress is not None:
             progress(1)
     return out
+
+
+def bab_sample(model: nn.Module, x: torch.Tensor, label: int, eps: float, time_limit: float):
+    """``verifiers.bab.BabResult`` of branch and bound on the L-inf ball of ``eps`` around ``x`` (1, ...)
+    (intersected with [0, 1]): is every margin row of ``label`` positive? A counterexample is its margin."""
+    from verifiers.bab import Specification, relu_branch_and_bound
+    from verifiers.bounds import margin_specification
+    from verifiers.rounding import RTOL, logit_scale
+    with torch.no_grad():
+        classes = model(x).shape[1]
+        scale = float(logit_scale(model, x)[0])
+    lower, upper = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    rows = margin_specification(torch.tensor([label], device=x.device), classes)[0].to(x.dtype)
+    spec = Specification(rows, torch.zeros(classes - 1, dtype=x.dtype, device=x.device),
+                         [[r] for r in range(classes - 1)],
+                         torch.full((classes - 1,), RTOL * scale, dtype=x.dtype, device=x.device))
+
+    def falsify(candidates: torch.Tensor):
+        with torch.no_grad():
+            logits = model(candidates)
+        wrong = (logits.argmax(1) != label).nonzero().flatten()
+        if not len(wrong):
+            return None
+        top = logits[wrong[0]]
+        return float(top[label] - torch.cat([top[:label], top[label + 1:]]).max())
+
+    return relu_branch_and_bound(model, lower, upper, spec, deadline=time.perf_counter() + time_limit,
+                                 falsify=falsify)
 
 
 def _status(method: str, margin: Optional[float]) -> Status:

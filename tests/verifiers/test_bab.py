@@ -182,6 +182,37 @@ def test_vnnlib_decisions_with_bab_agree_with_milp():
             assert result.verdict == "sat", (exact, result)
 
 
+@pytest.mark.slow
+def test_bab_per_sample_agrees_with_the_exact_milp_margin():
+    """``--method bab`` (``bab_sample`` per sample in ``verify_methods``): where the exact MILP margin is clearly
+    positive bab never falsifies, where it is clearly negative bab never certifies, a proven margin never exceeds
+    the exact one and a counterexample's margin is negative; and bab decides most of them (a timeout is the only
+    other answer)."""
+    from verifiers.verify import Status, VerifyOptions, verify_methods
+    net = _mlp(11, inputs=6, hidden=(24, 24), outputs=3)
+    x = torch.rand(6, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    clear, decided = 0, 0
+    for eps in (0.03, 0.3):
+        results = verify_methods(net, x, y, eps, methods=["bab", "milp"], options=VerifyOptions(bab_time_limit=60))
+        bab, milp = results[:len(x)], results[len(x):]
+        assert [r.method for r in bab] == ["bab"] * len(x) and [r.method for r in milp] == ["milp"] * len(x)
+        for b, m in zip(bab, milp):
+            if abs(m.margin_bound) < 0.01:
+                continue
+            clear += 1
+            if b.status is Status.UNKNOWN:
+                continue
+            decided += 1
+            assert b.status is (Status.CERTIFIED if m.margin_bound > 0 else Status.FALSIFIED), (eps, b, m)
+            if b.status is Status.CERTIFIED:
+                assert b.margin_bound <= m.margin_bound + 1e-4
+            else:
+                assert b.margin_bound < 0
+    assert clear >= 8 and decided >= clear - 1, (clear, decided)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(BoundInputError):
         BabOptions(batch=0)
