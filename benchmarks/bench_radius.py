@@ -91,6 +91,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--norms", default="inf,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_radius.json")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     norms = [n.strip() for n in args.norms.split(",") if n.strip()]
     if args.n < 1 or args.threads < 1 or not norms or any(n not in EPS_MAX for n in norms):
@@ -120,7 +121,6 @@ def main(argv=None) -> Dict[str, Any]:
                          "largest_relative_difference": max(abs(r - 1) for r in ratios) if ratios else None,
                          "median_probes": statistics.median(r["probes"] for r in mine["root search"]),
                          "peak_mb": {m: memory[f"{m} {norm}"] for m in mine}}
-    argv = sys.argv[1:] if argv is None else argv
     record = {"benchmark": "bench_radius", "command": " ".join(["python -m benchmarks.bench_radius", *argv]),
               "model": _shown(model), "threads": args.threads, "digits": args.n, "minutes": round((time.time() - began) / 60, 1),
               "rows": rows, "summary": summary, "environment": environment()}

@@ -84,6 +84,8 @@ def main(argv=None) -> dict:
                              "(CROWN's cost grows with the unstable ReLUs, so untrained weights overstate it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_verify.json")
     args = parser.parse_args(argv)
+    if args.bab_n < 0 or args.bab_seconds <= 0:
+        parser.error("need --bab-n >= 0 and --bab-seconds > 0")
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     info = INFO["mnist-embedded"]
