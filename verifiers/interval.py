@@ -392,7 +392,8 @@ class ReluRelaxation:
         return cached
 
 
-def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Node]:
+def back_substitute(output: Node, spec: torch.Tensor,
+                    origin: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor, Node]:
     """``spec . output >= A . x + bias`` for every x in the input box: spec (B, S, *output.shape) ->
     ``(A (B, S, *input.shape), bias (B, S), input node)``.
 
@@ -401,17 +402,27 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
     node's pre-activation bounds (upper: the chord; lower: slope 1 where ``u > -l``, else 0). Two hooks in
     a node's ``data``: ``extra_coefficients`` (B, S, *shape) is added to the coefficients reaching the node
     (a term of the objective there: branch and bound's split multipliers); a ReLU with a ``captured`` key gets
-    the coefficients on its output stored there."""
+    the coefficients on its output stored there.
+
+    origin: (row, column) where a spec (B, S, C, h, w) covering only a window of a (C, H, W) output starts
+    (the rest of the spec is zero: e.g. the rows of neurons close to each other). The coefficients then travel
+    as windows (a convolution's input window is its output window grown by the kernel, clipped to the map),
+    widened to the full map only where an operation needs it; the entries left out are exactly zero, so the
+    bound is the same as with the full spec, at the cost of the window's area."""
     batch, rows = spec.shape[:2]
-    pending: Dict[Node, torch.Tensor] = {output: spec}
+    top, left = origin or (0, 0)
+    pending: Dict[Node, Tuple[torch.Tensor, int, int]] = {output: (spec, top, left)}
     queue = [(-output.order, output)]  # latest first: every consumer of a node was made after it
     bias = torch.zeros(batch, rows, device=spec.device, dtype=spec.dtype)
     found = None
     while queue:
         node = heapq.heappop(queue)[1]
-        A = pending.pop(node)
+        A, top, left = pending.pop(node)
         kind, data = node.kind, node.data
         extra = data.get("extra_coefficients")
+        if _is_window(A, node) and (extra is not None or not _keeps_window(node)):
+            A, top, left = _widen(A, node, top, left), 0, 0
+        window = (top, left)
         if extra is not None:  # a term added to the objective at this node (beta-CROWN's split multipliers)
             A = A + extra
         if kind == "input":
@@ -427,42 +438,51 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
             _push(pending, queue, node.parents[0], A @ weight)
         elif kind == "conv":
             parent = node.parents[0]
-            A_in = _conv_backward(A, parent.shape, data)
             if data["bias"] is not None:
                 bias = bias + (A.sum((3, 4)) * data["bias"]).sum(2)
-            _push(pending, queue, parent, A_in)
+            if _is_window(A, node):
+                pushed = _conv_backward_window(A, parent.shape, data, top, left)
+                if pushed is not None:
+                    _push(pending, queue, parent, *pushed)
+            else:
+                _push(pending, queue, parent, _conv_backward(A, parent.shape, data))
         elif kind == "affine":
             scale, shift = data["scale"], data["shift"]
             if shift is not None:
-                shift_full = torch.as_tensor(shift, device=A.device, dtype=A.dtype)
-                bias = bias + (A * _expand_like(shift_full, A)).sum(tuple(range(2, A.dim())))
+                shift_full = _crop(_expand_like(torch.as_tensor(shift, device=A.device, dtype=A.dtype), A), A, top, left)
+                bias = bias + (A * shift_full).sum(tuple(range(2, A.dim())))
             if scale is not None:
-                A = A * _expand_like(torch.as_tensor(scale, device=A.device, dtype=A.dtype), A)
-            _push(pending, queue, node.parents[0], A)
+                A = A * _crop(_expand_like(torch.as_tensor(scale, device=A.device, dtype=A.dtype), A), A, top, left)
+            _push(pending, queue, node.parents[0], A, *window)
         elif kind == "relu":
             if "captured" in data:  # the coefficients on this ReLU's output (branching scores)
                 data["captured"] = A.detach()
             relaxation = data.get("relaxation")
+            if relaxation is not None and _is_window(A, node):
+                slopes = [_crop(t.unsqueeze(1), A, top, left) for t in relaxation.dense()]
+                bias = bias + (A * slopes[2]).clamp(max=0).sum(tuple(range(2, A.dim())))
+                _push(pending, queue, node.parents[0], A * torch.where(A > 0, slopes[0], slopes[1]), *window)
+                continue
             if relaxation is not None:
                 A, extra = _relaxed_sparse(A, relaxation)
                 bias = bias + extra
                 _push(pending, queue, node.parents[0], A)
                 continue
-            l, u = data["lower"].unsqueeze(1), data["upper"].unsqueeze(1)
+            l, u = _crop(data["lower"].unsqueeze(1), A, top, left), _crop(data["upper"].unsqueeze(1), A, top, left)
             unstable = (l < 0) & (u > 0)
             upper_slope = torch.where(unstable, u / (u - l).clamp_min(1e-12), (l >= 0).to(A.dtype))
             upper_intercept = torch.where(unstable, -l * upper_slope, torch.zeros_like(l))
             lower_slope = torch.where(unstable, (u > -l).to(A.dtype), (l >= 0).to(A.dtype))
             positive, negative = A.clamp(min=0), A.clamp(max=0)
             bias = bias + (negative * upper_intercept).flatten(2).sum(2)
-            _push(pending, queue, node.parents[0], positive * lower_slope + negative * upper_slope)
+            _push(pending, queue, node.parents[0], positive * lower_slope + negative * upper_slope, *window)
         elif kind == "sum":
             for parent, sign in zip(node.parents, data["signs"]):
-                _push(pending, queue, parent, A if sign > 0 else -A)
+                _push(pending, queue, parent, A if sign > 0 else -A, *window)
         elif kind == "cat":
             dim = data["dim"] + 1  # (B, S, ...): the spec dimension shifts every axis by one
             for parent, piece in zip(node.parents, torch.split(A, data["sizes"], dim=dim)):
-                _push(pending, queue, parent, piece)
+                _push(pending, queue, parent, piece, *window)
         elif kind == "reshape":
             parent = node.parents[0]
             _push(pending, queue, parent, A.reshape(batch, rows, *parent.shape))
@@ -471,6 +491,62 @@ def back_substitute(output: Node, spec: torch.Tensor) -> Tuple[torch.Tensor, tor
     if found is None:
         raise UnsupportedModelError("interval bounds: the output does not depend on the input")
     return found[0], bias, found[1]
+
+
+# ---------------------------------------------------------------- coefficient windows (see back_substitute)
+
+def _is_window(A: torch.Tensor, node: Node) -> bool:
+    """Whether A (B, S, *node.shape) covers only part of a (C, H, W) node's map."""
+    return len(node.shape) == 3 and tuple(A.shape[-2:]) != tuple(node.shape[-2:])
+
+
+def _keeps_window(node: Node) -> bool:
+    """Whether back-substituting through the node works on a window of its coefficients: convolutions, affine
+    maps, ReLUs with a shared (not per-row) relaxation or none, sums and concatenations of channels."""
+    if node.kind == "relu":
+        relaxation = node.data.get("relaxation")
+        return "captured" not in node.data and (relaxation is None or relaxation.lower_slope.dim() == 2)
+    if node.kind == "cat":
+        return node.data["dim"] == 1
+    return node.kind in ("conv", "affine", "sum")
+
+
+def _crop(factor, A: torch.Tensor, top: int, left: int):
+    """A factor broadcast against full-map coefficients, cut to A's window (dims of size 1 stay)."""
+    if not isinstance(factor, torch.Tensor) or factor.dim() < 2:
+        return factor
+    height, width = A.shape[-2:]
+    if factor.shape[-2] > 1:
+        factor = factor[..., top:top + height, :]
+    if factor.shape[-1] > 1:
+        factor = factor[..., left:left + width]
+    return factor
+
+
+def _widen(A: torch.Tensor, node: Node, top: int, left: int) -> torch.Tensor:
+    """A window of coefficients as the full map (zeros outside)."""
+    height, width = node.shape[-2:]
+    return F.pad(A, (left, width - left - A.shape[-1], top, height - top - A.shape[-2]))
+
+
+def _conv_backward_window(A: torch.Tensor, in_shape: Tuple[int, ...], data: Dict[str, Any], top: int,
+                          left: int) -> Optional[Tuple[torch.Tensor, int, int]]:
+    """``_conv_backward`` of a window of the output's coefficients: ``(A_in window, top, left)`` on the input
+    map (None where the window reaches only padding)."""
+    batch, rows = A.shape[:2]
+    weight, kernel, stride, padding, dilation = _transposable(data)
+    flat = A.reshape(batch * rows, *A.shape[2:])
+    if CHANNELS_LAST_ROWS and batch * rows >= CHANNELS_LAST_ROWS and flat.device.type == "cpu":
+        flat = flat.contiguous(memory_format=torch.channels_last)
+    result = F.conv_transpose2d(flat, weight, None, stride, 0, 0, data["groups"], dilation)
+    # the transposed convolution without padding covers the input from (top, left) * stride - padding
+    starts = [origin * stride[i] - padding[i] for i, origin in enumerate((top, left))]
+    first = [max(start, 0) for start in starts]
+    last = [min(start + result.shape[2 + i], in_shape[1 + i]) for i, start in enumerate(starts)]
+    if last[0] <= first[0] or last[1] <= first[1]:
+        return None
+    result = result[..., first[0] - starts[0]:last[0] - starts[0], first[1] - starts[1]:last[1] - starts[1]]
+    return result.reshape(batch, rows, in_shape[0], last[0] - first[0], last[1] - first[1]), first[0], first[1]
 
 
 def _relaxed_sparse(A: torch.Tensor, relaxation: ReluRelaxation) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -522,33 +598,51 @@ def _expand_like(factor: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return factor.unsqueeze(1)
 
 
-def _push(pending: Dict[Node, torch.Tensor], queue: list, node: Node, A: torch.Tensor) -> None:
-    if node in pending:
-        pending[node] = pending[node] + A
-    else:
-        pending[node] = A
+def _push(pending: Dict[Node, Tuple[torch.Tensor, int, int]], queue: list, node: Node, A: torch.Tensor,
+          top: int = 0, left: int = 0) -> None:
+    """Adds coefficients (a window starting at (top, left) on a (C, H, W) node, else the full tensor) to what
+    has reached the node; two windows add on the smallest window holding both."""
+    if node not in pending:
+        pending[node] = (A, top, left)
         heapq.heappush(queue, (-node.order, node))
+        return
+    B, top2, left2 = pending[node]
+    if (top, left) == (top2, left2) and A.shape == B.shape:
+        pending[node] = (B + A, top, left)
+        return
+    first = (min(top, top2), min(left, left2))
+    last = (max(top + A.shape[-2], top2 + B.shape[-2]), max(left + A.shape[-1], left2 + B.shape[-1]))
+    total = A.new_zeros(*A.shape[:-2], last[0] - first[0], last[1] - first[1])
+    for part, part_top, part_left in ((B, top2, left2), (A, top, left)):
+        rows, columns = part_top - first[0], part_left - first[1]
+        total[..., rows:rows + part.shape[-2], columns:columns + part.shape[-1]] += part
+    pending[node] = (total, first[0], first[1])
+
+
+def _transposable(data: Dict[str, Any]):
+    """A convolution's (weight, kernel, stride, padding, dilation) for its transposed convolution: dilation
+    written out as zeros between the kernel's taps (torch's CPU transposed convolution with dilation was 7x
+    slower than without: 175 vs 23 ms for a depthwise 3x3, dilation 2)."""
+    weight = data["weight"]
+    stride, padding, dilation = (_pair(data[k]) for k in ("stride", "padding", "dilation"))
+    if isinstance(data["padding"], str):
+        raise UnsupportedModelError("interval bounds: string padding in a convolution")
+    if dilation != (1, 1):
+        size = [dilation[i] * (weight.shape[-2 + i] - 1) + 1 for i in range(2)]
+        spread = weight.new_zeros(*weight.shape[:2], *size)
+        spread[..., ::dilation[0], ::dilation[1]] = weight
+        weight, dilation = spread, (1, 1)
+    return weight, weight.shape[-2:], stride, padding, dilation
 
 
 def _conv_backward(A: torch.Tensor, in_shape: Tuple[int, ...], data: Dict[str, Any]) -> torch.Tensor:
     """Coefficients of a convolution's input: the transposed convolution (groups and dilation
     included) of A (B, S, C_out, H_out, W_out), with the output padding that restores the input size."""
     batch, rows = A.shape[:2]
-    weight = data["weight"]
-    stride, padding, dilation = (_pair(data[k]) for k in ("stride", "padding", "dilation"))
-    if isinstance(data["padding"], str):
-        raise UnsupportedModelError("interval bounds: string padding in a convolution")
-    kernel = weight.shape[-2:]
+    weight, kernel, stride, padding, dilation = _transposable(data)
     out_h, out_w = A.shape[-2:]
-    extra = [in_shape[1 + i] - ((o - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+    extra = [in_shape[1 + i] - ((o - 1) * stride[i] - 2 * padding[i] + (kernel[i] - 1) + 1)
              for i, o in enumerate((out_h, out_w))]
-    if dilation != (1, 1):
-        # The same kernel written out with zeros between its taps: torch's CPU transposed convolution
-        # with dilation was 7x slower than without (175 vs 23 ms for a depthwise 3x3, dilation 2).
-        size = [dilation[i] * (kernel[i] - 1) + 1 for i in range(2)]
-        spread = weight.new_zeros(*weight.shape[:2], *size)
-        spread[..., ::dilation[0], ::dilation[1]] = weight
-        weight, dilation = spread, (1, 1)
     flat = A.reshape(batch * rows, *A.shape[2:])
     if CHANNELS_LAST_ROWS and batch * rows >= CHANNELS_LAST_ROWS and flat.device.type == "cpu":
         flat = flat.contiguous(memory_format=torch.channels_last)

@@ -88,10 +88,13 @@ class RadiusSearch:
     """Settings of ``crown_radius``. relative_tolerance: stop when the certified radius is within this fraction
     of the smallest radius a probe failed at; max_probes: full-CROWN passes per sample at most; first_fraction:
     the first probe of the first sample, as a fraction of its upper limit (later samples start at the median
-    radius found so far: on a trained network CROWN radii vary far less between samples than attack radii)."""
+    radius found so far: on a trained network CROWN radii vary far less between samples than attack radii);
+    first_order: predict each next probe from the margin's first-order bound (one gradient) minus a fitted
+    relaxation loss, instead of a quadratic through the probes (False: the quadratic only)."""
     relative_tolerance: float = 0.01
     max_probes: int = 10
     first_fraction: float = 1 / 64
+    first_order: bool = True
 
     def __post_init__(self):
         if not 0 < self.relative_tolerance < 1 or self.max_probes < 1 or not 0 < self.first_fraction <= 1:
@@ -107,6 +110,60 @@ class RadiusTrace:
     probes: List[Tuple[float, float]] = field(default_factory=list)
     probe_seconds: List[float] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def _first_order(model: nn.Module, x: torch.Tensor, spec: torch.Tensor, norm, tolerance: float):
+    """The margin's first-order bound as a function of eps: ``eps -> min over the ball of h(x) + J (x' - x)``
+    minus the rounding tolerance, with J the margins' input gradient at x (one backward pass). CROWN's bound
+    at eps lies below it by what the ReLU relaxation loses, which grows faster than eps: the root search models
+    that loss instead of the whole curve. x: (1, ...); spec: (1, S, K)."""
+    from verifiers.perturbation import Perturbation
+    rows = spec.shape[1]
+    with torch.enable_grad():
+        copies = x.expand(rows, *x.shape[1:]).clone().requires_grad_(True)
+        margins = (model(copies) * spec[0].to(x.dtype)).sum(1)
+        gradient, = torch.autograd.grad(margins.sum(), copies)
+    A = gradient.detach().unsqueeze(0)  # (1, S, ...)
+    bias = margins.detach().unsqueeze(0) - (A.flatten(2) * x.flatten(1).unsqueeze(1)).sum(2)
+    ball = Perturbation.ball(norm, 1.0, x)
+
+    def at(eps: float) -> float:
+        return float(ball.minimum(A, bias, x, torch.tensor([eps], dtype=x.dtype, device=x.device)).min()) - tolerance
+    return at
+
+
+def _loss_model_root(points: List[Tuple[float, float]], low: float, high: float, first_order) -> Optional[float]:
+    """A root of the margin curve predicted as ``first_order(eps) - k eps^p`` (the relaxation's loss as a power
+    of eps, p from the two probes nearest the bracket, else 2), found by bisection on [low, high]; None where
+    the probes do not fit that shape (a probe above the first-order bound)."""
+    probes = sorted(points[1:], key=lambda point: point[0])
+    below = [q for q in probes if q[1] > 0]
+    above = [q for q in probes if q[1] <= 0]
+    near = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    if not near:
+        return None
+    losses = [(eps, first_order(eps) - margin) for eps, margin in near]
+    if any(loss <= 0 or eps <= 0 for eps, loss in losses):
+        return None
+    power = 2.0
+    if len(losses) == 2 and losses[0][0] != losses[1][0]:
+        (e1, r1), (e2, r2) = losses
+        power = min(max(math.log(r2 / r1) / math.log(e2 / e1), 1.0), 4.0)
+    eps_ref, loss_ref = losses[-1] if above else losses[0]
+    k = loss_ref / eps_ref ** power
+    curve = lambda eps: first_order(eps) - k * eps ** power
+    if curve(high) > 0:
+        return high
+    if curve(low) <= 0:
+        return low
+    a, b = low, high
+    for _ in range(50):
+        middle = (a + b) / 2
+        if curve(middle) > 0:
+            a = middle
+        else:
+            b = middle
+    return (a + b) / 2
 
 
 def _quadratic_root(points: List[Tuple[float, float]], low: float, high: float) -> float:
@@ -185,6 +242,7 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
             # a little above the radius expected: probes below a failed one replay its bounds and cost less
             probe = min(high, 1.05 * sorted(found)[len(found) // 2] if found else high * search.first_fraction)
             failed = None  # (eps, ReLU bounds, plan) of the smallest failed probe
+            first_order = _first_order(model, xi, spec, norm, tol) if search.first_order else None
             for _ in range(search.max_probes):
                 replay = failed is not None and probe <= failed[0]
                 bound = linear_bound(model, xi, Perturbation.ball(norm, probe, xi), spec, options=options,
@@ -200,7 +258,7 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
                     low = max(low, float(bound.largest_eps(torch.tensor([tol], dtype=x.dtype))[0]))
                 if low >= (1 - search.relative_tolerance) * high or low >= float(limit[i]):
                     break
-                probe = _next_probe(trace.probes, low, high, search.relative_tolerance)
+                probe = _next_probe(trace.probes, low, high, search.relative_tolerance, first_order)
             trace.radius, trace.failed = (low if low >= eps_min else 0.0), high
             if trace.radius > 0:
                 found.append(trace.radius)
@@ -212,19 +270,25 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
     return radii, traces
 
 
-def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, relative_tolerance: float) -> float:
-    """The next eps to probe inside (low, high). Before any probe failed: just above the predicted root, so that
-    the first failure lies close above it. Then a closing probe where the predicted root lies within the tolerance
-    of an end of the bracket (just above ``low``, or just below ``high``: either answer at that eps closes the
-    bracket or moves it past the root), else the predicted root kept off the ends (the bracket shrinks by a
-    tenth at least)."""
-    root = _quadratic_root(probes, low, high)
+def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, relative_tolerance: float,
+                first_order=None) -> float:
+    """The next eps to probe inside (low, high), aimed so that the bracket closes in as few probes as the predicted
+    root allows: a closing probe where the root lies within the tolerance of an end of the bracket (just above
+    ``low``, or just below ``high``: either answer there closes the bracket or moves it past the root); else just
+    above the root (half the tolerance: a failure there leaves only the closing probe below it; before any probe
+    failed and with one probe to predict from, twice the tolerance), kept off the bracket's ends (it shrinks by
+    a tenth at least)."""
+    root = _loss_model_root(probes, low, high, first_order) if first_order is not None else None
+    if root is None:
+        root = _quadratic_root(probes, low, high)
     if all(margin > 0 for _, margin in probes):
-        return min(root * (1 + 2 * relative_tolerance), high)
+        margin = relative_tolerance / 2 if first_order is not None and len(probes) > 2 else 2 * relative_tolerance
+        return min(root * (1 + margin), high)
     step = 1 - 0.9 * relative_tolerance
     if root >= high * step:
         return high * step
     if low > 0 and root <= low / step:
         return low / step
     width = high - low
-    return min(max(root, low + 0.1 * width), high - 0.1 * width)
+    target = root * (1 + relative_tolerance / 2) if first_order is not None else root
+    return min(max(target, low + 0.1 * width), high - 0.1 * width)

@@ -10,11 +10,12 @@ from tests.verifiers.nets import OPERATIONS, cell_net, op_net
 from tests.violation import max_violation, pgd_attack
 from verifiers import interval
 from verifiers.bounds import compute_bounds, margin_lower_bound, margin_specification
-from verifiers.crown import CrownOptions, linear_bound, merge_duplicates, trace
+from verifiers import crown
+from verifiers.crown import CrownOptions, bounded_tape, linear_bound, merge_duplicates, trace
 from verifiers.errors import BoundInputError
 from verifiers.milp import exact_margin
 from verifiers.perturbation import Perturbation
-from verifiers.radius import RadiusSearch, certified_radius, crown_radius
+from verifiers.radius import RadiusSearch, _loss_model_root, _next_probe, certified_radius, crown_radius
 
 EPS = {math.inf: 0.08, 2.0: 0.6}
 NORMS = [math.inf, 2.0]
@@ -182,6 +183,59 @@ def test_channels_last_back_substitution_gives_the_same_bounds(monkeypatch):
     plain = _logit_bounds(net, x, 0.05, math.inf, options)
     for a, b in zip(fast, plain):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
+@pytest.mark.parametrize("op,stride", [("sep_conv_5x5", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 2), ("mixed", 1),
+                                       ("cell", 1)])
+def test_windowed_back_substitution_equals_the_full_map(op, stride, norm, monkeypatch):
+    """Neurons taken tile by tile and back-substituted as windows of their map give the bounds the full map gives,
+    every ReLU of the network, on the same relaxations (strides, dilation, groups, padding, pooling, cat)."""
+    net = cell_net(seed=19) if op == "cell" else op_net(op, stride, seed=20, channels=3)
+    x = _inputs(seed=21, batch=2, size=10)
+    ball = Perturbation.ball(norm, EPS[norm] / 2, x)
+    tape = bounded_tape(net, x, ball, options=CrownOptions(backsubstitution="none"))
+    windows = []
+    real = interval._conv_backward_window
+    monkeypatch.setattr(interval, "_conv_backward_window", lambda *a: windows.append(1) or real(*a))
+    for relu in tape.relus:
+        node = relu.parents[0]
+        index = torch.arange(math.prod(node.shape))
+        full = crown._backward_bounds(node, index, ball, x, 2, 16, tile=0)
+        for tile, chunk in ((1, 16), (3, 5)):
+            part = crown._backward_bounds(node, index, ball, x, 2, chunk, tile=tile)
+            for a, b in zip(part, full):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item())), (op, tile)
+    assert windows, "no window was back-substituted"
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
+def test_windowed_crown_bounds_contain_every_sampled_and_attacked_output(norm):
+    net = cell_net(seed=22)
+    x = _inputs(seed=23, size=10)
+    options = CrownOptions(backsubstitution="all", chunk_rows=7, window_tile=2)
+    lower, upper = _logit_bounds(net, x, EPS[norm], norm, options)
+    violation = max_violation(net, x, EPS[norm], norm, lower, upper, samples=48, pgd_steps=25)
+    assert violation <= _tolerance(lower, upper)
+
+
+def test_the_root_predicted_from_the_first_order_bound_and_two_probes_is_exact_on_that_shape():
+    """On a margin curve that is a first-order bound minus a power of eps (the shape the search models), two
+    probes predict the root; each next probe lies strictly inside the bracket."""
+    first_order = lambda eps: 3.0 - 40.0 * eps
+    curve = lambda eps: first_order(eps) - 2.5e4 * eps ** 1.7
+    root = 0.0
+    for _ in range(60):  # the true root by bisection
+        root = root if curve(root + 0.01 / 2 ** _) <= 0 else root + 0.01 / 2 ** _
+    probes = [(0.0, curve(0.0)), (0.001, curve(0.001)), (0.009, curve(0.009))]
+    low, high = 0.001, 0.009
+    assert curve(low) > 0 >= curve(high)
+    predicted = _loss_model_root(probes, low, high, first_order)
+    assert abs(predicted - root) <= 1e-6 * root
+    for fo in (first_order, None):
+        nxt = _next_probe(probes, low, high, 0.01, fo)
+        assert low < nxt < high
+    assert _loss_model_root([(0.0, 3.0), (0.001, 5.0)], 0.001, 1.0, first_order) is None  # above the first-order bound
 
 
 @pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
