@@ -112,18 +112,24 @@ class RadiusTrace:
     seconds: float = 0.0
 
 
-def _first_order(model: nn.Module, x: torch.Tensor, spec: torch.Tensor, norm, tolerance: float):
+def _first_order(model: nn.Module, x: torch.Tensor, spec: torch.Tensor, norm, tolerance: float, rows: int = 16):
     """The margin's first-order bound as a function of eps: ``eps -> min over the ball of h(x) + J (x' - x)``
-    minus the rounding tolerance, with J the margins' input gradient at x (one backward pass). CROWN's bound
-    at eps lies below it by what the ReLU relaxation loses, which grows faster than eps: the root search models
-    that loss instead of the whole curve. x: (1, ...); spec: (1, S, K)."""
+    minus the rounding tolerance, with J the input gradient at x of the ``rows`` margins smallest at x (one
+    backward pass). CROWN's bound at eps lies below it by what the ReLU relaxation loses, which grows faster than
+    eps: the root search models that loss instead of the whole curve. x: (1, ...); spec: (1, S, K). None where
+    the model has no input gradient (the search then fits a quadratic)."""
     from verifiers.perturbation import Perturbation
-    rows = spec.shape[1]
-    with torch.enable_grad():
-        copies = x.expand(rows, *x.shape[1:]).clone().requires_grad_(True)
-        margins = (model(copies) * spec[0].to(x.dtype)).sum(1)
-        gradient, = torch.autograd.grad(margins.sum(), copies)
-    A = gradient.detach().unsqueeze(0)  # (1, S, ...)
+    with torch.no_grad():
+        clean = (model(x) * spec.to(x.dtype)).sum(2)[0]  # (S,)
+    spec = spec[:, clean.argsort()[:rows]].to(x.dtype)
+    try:
+        with torch.enable_grad():
+            copies = x.expand(spec.shape[1], *x.shape[1:]).clone().requires_grad_(True)
+            margins = (model(copies) * spec[0]).sum(1)
+            gradient, = torch.autograd.grad(margins.sum(), copies)
+    except RuntimeError:  # e.g. a model whose forward pass detaches its input
+        return None
+    A = gradient.detach().unsqueeze(0)  # (1, S', ...)
     bias = margins.detach().unsqueeze(0) - (A.flatten(2) * x.flatten(1).unsqueeze(1)).sum(2)
     ball = Perturbation.ball(norm, 1.0, x)
 
@@ -282,8 +288,8 @@ def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, rela
     if root is None:
         root = _quadratic_root(probes, low, high)
     if all(margin > 0 for _, margin in probes):
-        margin = relative_tolerance / 2 if first_order is not None and len(probes) > 2 else 2 * relative_tolerance
-        return min(root * (1 + margin), high)
+        above = relative_tolerance / 2 if first_order is not None and len(probes) > 2 else 2 * relative_tolerance
+        return min(root * (1 + above), high)
     step = 1 - 0.9 * relative_tolerance
     if root >= high * step:
         return high * step
