@@ -283,7 +283,7 @@ def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, rela
     ``low``, or just below ``high``: either answer there closes the bracket or moves it past the root); else just
     above the root (half the tolerance: a failure there leaves only the closing probe below it; before any probe
     failed and with one probe to predict from, twice the tolerance), kept off the bracket's ends (it shrinks by
-    a tenth at least)."""
+    a tenth at least). Where a closing probe did not close, the geometric middle of the bracket."""
     root = _loss_model_root(probes, low, high, first_order) if first_order is not None else None
     if root is None:
         root = _quadratic_root(probes, low, high)
@@ -291,6 +291,12 @@ def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, rela
         above = relative_tolerance / 2 if first_order is not None and len(probes) > 2 else 2 * relative_tolerance
         return min(root * (1 + above), high)
     step = 1 - 0.9 * relative_tolerance
+    # a closing probe that did not close (one already certified just below low, or failed just above high) means
+    # the model misjudges the curve there (a cliff in the margin): halve the bracket in log space instead
+    crept_up = any(low * step * step <= eps < low and margin > 0 for eps, margin in probes)
+    crept_down = any(high < eps <= high / (step * step) and margin <= 0 for eps, margin in probes)
+    if crept_up or crept_down:
+        return math.sqrt(max(low, high * 1e-3) * high)
     if root >= high * step:
         return high * step
     if low > 0 and root <= low / step:
