@@ -459,9 +459,9 @@ def back_substitute(output: Node, spec: torch.Tensor,
                 data["captured"] = A.detach()
             relaxation = data.get("relaxation")
             if relaxation is not None and _is_window(A, node):
-                slopes = [_crop(t.unsqueeze(1), A, top, left) for t in relaxation.dense()]
-                bias = bias + (A * slopes[2]).clamp(max=0).sum(tuple(range(2, A.dim())))
-                _push(pending, queue, node.parents[0], A * torch.where(A > 0, slopes[0], slopes[1]), *window)
+                A, extra = _dense_step(A, *(_crop(t.unsqueeze(1), A, top, left) for t in relaxation.dense()))
+                bias = bias + extra
+                _push(pending, queue, node.parents[0], A, *window)
                 continue
             if relaxation is not None:
                 A, extra = _relaxed_sparse(A, relaxation)
@@ -560,9 +560,7 @@ def _relaxed_sparse(A: torch.Tensor, relaxation: ReluRelaxation) -> Tuple[torch.
         return A * relaxation.passes.unsqueeze(1), A.new_zeros(batch, rows)
     shared = relaxation.lower_slope.dim() == 2  # else one slope per specification row (alpha-CROWN)
     if shared and len(index) * DENSE_RELU_FRACTION >= relaxation.passes[0].numel():
-        lower, upper, intercept = relaxation.dense()
-        out = A * torch.where(A > 0, lower.unsqueeze(1), upper.unsqueeze(1))
-        return out, (A * intercept.unsqueeze(1)).clamp(max=0).sum(tuple(range(2, A.dim())))
+        return _dense_step(A, *(t.unsqueeze(1) for t in relaxation.dense()))
     out = A * relaxation.passes.unsqueeze(1)
     where = (slice(None), slice(None)) + tuple(torch.unravel_index(index, tuple(A.shape[2:])))
     picked = A[where]  # (B, S, U)
@@ -570,6 +568,13 @@ def _relaxed_sparse(A: torch.Tensor, relaxation: ReluRelaxation) -> Tuple[torch.
     slope = relaxation.lower_slope.unsqueeze(1) if shared else relaxation.lower_slope
     out[where] = positive * slope + negative * relaxation.upper_slope.unsqueeze(1)
     return out, (negative * relaxation.upper_intercept.unsqueeze(1)).sum(2)
+
+
+def _dense_step(A: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                intercept: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A ReLU's back-substitution step with dense slopes (each broadcast against A (B, S, ...)): the lower slope
+    where a coefficient is positive, the upper one elsewhere; returns ``(A_in, bias term (B, S))``."""
+    return A * torch.where(A > 0, lower, upper), (A * intercept).clamp(max=0).sum(tuple(range(2, A.dim())))
 
 
 # A ReLU step with more than 1 / DENSE_RELU_FRACTION of its neurons unstable runs dense (measured on a
