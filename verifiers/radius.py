@@ -291,11 +291,10 @@ def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, rela
         above = relative_tolerance / 2 if first_order is not None and len(probes) > 2 else 2 * relative_tolerance
         return min(root * (1 + above), high)
     step = 1 - 0.9 * relative_tolerance
-    # a closing probe that did not close (one already certified just below low, or failed just above high) means
-    # the model misjudges the curve there (a cliff in the margin): halve the bracket in log space instead
-    crept_up = any(low * step * step <= eps < low and margin > 0 for eps, margin in probes)
-    crept_down = any(high < eps <= high / (step * step) and margin <= 0 for eps, margin in probes)
-    if crept_up or crept_down:
+    # a closing probe that did not close and left the margin about where the probe before it had it (a cliff the
+    # model misjudges): halve the bracket in log space instead of creeping on by the tolerance a probe. Where the
+    # margin did shrink towards 0 (a smooth curve whose root lies just past the closing probe), keep closing.
+    if _stalled(probes, low, True, step) or _stalled(probes, high, False, step):
         return math.sqrt(max(low, high * 1e-3) * high)
     if root >= high * step:
         return high * step
@@ -304,3 +303,13 @@ def _next_probe(probes: List[Tuple[float, float]], low: float, high: float, rela
     width = high - low
     target = root * (1 + relative_tolerance / 2) if first_order is not None else root
     return min(max(target, low + 0.1 * width), high - 0.1 * width)
+
+
+def _stalled(probes: List[Tuple[float, float]], end: float, certified: bool, step: float) -> bool:
+    """Whether the probe at ``end`` of the bracket (the largest certified eps, or the smallest failed) crept past
+    another probe on the same side within two tolerance steps without halving that probe's margin (its distance
+    from 0): a closing probe that did not close, on a curve the root model misjudges."""
+    side = [(eps, margin) for eps, margin in probes[1:] if (margin > 0) == certified]
+    at = [abs(margin) for eps, margin in side if eps == end]
+    near = [abs(margin) for eps, margin in side if eps != end and end * step * step <= eps <= end / (step * step)]
+    return bool(at and near) and at[0] > 0.5 * min(near)

@@ -238,6 +238,22 @@ def test_the_root_predicted_from_the_first_order_bound_and_two_probes_is_exact_o
     assert _loss_model_root([(0.0, 3.0), (0.001, 5.0)], 0.001, 1.0, first_order) is None  # above the first-order bound
 
 
+def test_a_closing_probe_that_did_not_close_keeps_closing_where_the_margin_shrank_and_halves_at_a_cliff():
+    """Probes as full CROWN gave them on two cpu-scale table networks. Smooth (DSRNA-CB, digit 6, L2): the last
+    closing probe certified with a tenth of the margin before it, so the root lies just above it: the next probe
+    closes the bracket (a log-space halving there cost 5 more passes). Cliff (DARTS, digit 6, L-inf): two closing
+    probes certified with their margin barely changed, far below the failed probe: the next probe halves the
+    bracket in log space instead of creeping on by the tolerance."""
+    step = 1 - 0.9 * 0.01
+    smooth = [(0.0, 3.23), (0.01068, -4.4), (0.006959, 0.495), (0.007498, 0.0655), (0.007566, 0.00601)]
+    cliff = [(0.0, 4.55), (0.0005493, 4.38), (0.003543, -91.9), (0.001533, 3.66), (0.001734, 3.34), (0.00175, 3.31)]
+    for first_order in (None, lambda eps: 3.3 - 60 * eps):
+        low, high = 0.007566, 0.01068
+        assert low < _next_probe(smooth, low, high, 0.01, first_order) <= low / step
+        low, high = 0.00175, 0.003543
+        assert abs(_next_probe(cliff, low, high, 0.01, first_order) - math.sqrt(low * high)) <= 1e-12
+
+
 @pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
 def test_the_crown_radius_is_sound_and_as_large_as_bisection_finds(norm):
     net = op_net("dil_conv_3x3", 1, seed=15)
