@@ -170,7 +170,7 @@ def test_a_bad_device_or_crown_option_is_one_line_with_exit_code_2(tmp_path, cap
 
 
 def test_the_committed_cpu_tables_are_read_from_the_cache_without_running_anything(monkeypatch):
-    """Every record of the committed cpu tables (all rows, the 3 seeds, CROWN for seeds 0 and 1 as committed) comes
+    """Every record of the committed cpu tables (all rows, the 3 seeds, CROWN for the seeds run.json names) comes
     from ``benchmarks/results/cpu/cache`` with nothing searched, trained, attacked or verified, model files or not: a
     changed stage key (a setting added without its former value) would make a fresh clone recompute hours."""
     from pathlib import Path
@@ -183,7 +183,8 @@ def test_the_committed_cpu_tables_are_read_from_the_cache_without_running_anythi
         monkeypatch.setattr(pipeline_module, name, never)
     out = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu"
     committed = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    pipeline = pipeline_module.Pipeline(paper.SCALES["cpu"], out, None, "cpu", crown_seeds=2)
+    crown_seeds = json.loads((out / "run.json").read_text())["crown_seeds"]
+    pipeline = pipeline_module.Pipeline(paper.SCALES["cpu"], out, None, "cpu", crown_seeds=crown_seeds)
     for saved in committed:
         record = pipeline.record(saved["row"], saved["dataset"], saved["seed"])
         assert record["radius_csv_inf"] == saved["radius_csv_inf"] and record.get("crown_csv_2") == saved.get("crown_csv_2")
