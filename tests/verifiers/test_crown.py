@@ -264,6 +264,8 @@ def test_the_crown_radius_is_sound_and_as_large_as_bisection_finds(norm):
     found, traces = crown_radius(net, x, y, norm=norm, upper=upper, search=RadiusSearch(relative_tolerance=0.01))
     with torch.no_grad():
         bisected = certified_radius(net, x, y, norm=norm, method="crown", eps_max=upper, steps=14)
+    first = next(t for t in traces if len(t.probes) > 1)  # the first probe: a norm's fraction of the limit
+    assert first.probes[1][0] == pytest.approx(float(upper[0]) * (1 / 64 if norm == math.inf else 1 / 256))
     for i in range(3):
         assert traces[i].radius == float(found[i]) and found[i] <= upper[i]
         assert found[i] >= 0.98 * bisected[i] - 1e-6, (i, float(found[i]), float(bisected[i]))
