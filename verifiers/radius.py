@@ -100,7 +100,8 @@ class RadiusSearch:
     first_order: bool = True
 
     def __post_init__(self):
-        if not 0 < self.relative_tolerance < 1 or self.max_probes < 1 or not (self.first_fraction is None or 0 < self.first_fraction <= 1):
+        fraction = self.first_fraction
+        if not 0 < self.relative_tolerance < 1 or self.max_probes < 1 or not (fraction is None or 0 < fraction <= 1):
             raise BoundInputError("relative_tolerance and first_fraction must lie in (0, 1), max_probes >= 1")
 
     def first(self, norm) -> float:
@@ -121,15 +122,15 @@ class RadiusTrace:
     seconds: float = 0.0
 
 
-def _first_order(model: nn.Module, x: torch.Tensor, spec: torch.Tensor, norm, tolerance: float, rows: int = 16):
+def _first_order(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, spec: torch.Tensor, norm, tolerance: float,
+                 rows: int = 16):
     """The margin's first-order bound as a function of eps: ``eps -> min over the ball of h(x) + J (x' - x)``
     minus the rounding tolerance, with J the input gradient at x of the ``rows`` margins smallest at x (one
     backward pass). CROWN's bound at eps lies below it by what the ReLU relaxation loses, which grows faster than
-    eps: the root search models that loss instead of the whole curve. x: (1, ...); spec: (1, S, K). None where
-    the model has no input gradient (the search then fits a quadratic)."""
+    eps: the root search models that loss instead of the whole curve. x: (1, ...); logits: (1, K), the model's at
+    x; spec: (1, S, K). None where the model has no input gradient (the search then fits a quadratic)."""
     from verifiers.perturbation import Perturbation
-    with torch.no_grad():
-        clean = (model(x) * spec.to(x.dtype)).sum(2)[0]  # (S,)
+    clean = (logits.unsqueeze(1) * spec.to(x.dtype)).sum(2)[0]  # (S,)
     spec = spec[:, clean.argsort()[:rows]].to(x.dtype)
     try:
         with torch.enable_grad():
@@ -223,12 +224,13 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
     them). Returns ``(radii (B,), traces)``. Each radius is an eps at which a full-CROWN pass certified the
     margin above float32 rounding (``verifiers.rounding``'s tolerance), or one read off the linear bound of a
     pass at a larger eps (the same bound holds on every smaller ball): sound whatever the search does. Each pass
-    is a probe; the next probe is the root of a quadratic through the clean margin and the probes nearest the
-    bracket [largest certified, smallest failed]. A probe below a failed one starts from that probe's ReLU bounds
-    (they hold on its smaller ball: the neurons they prove stable need no back-substitution) and replays its
-    per-layer decisions (letting the sampled gain decide anew made it skip back-substitution that mattered: its
-    margins came out low near the root and the search crept down in 6-8 cheap probes). The search stops when the certified radius is within ``relative_tolerance`` of the failed one (or
-    when the upper limit is certified, or after ``max_probes``). 0 where even eps_min is not certified.
+    is a probe; the next probe is aimed at the root that ``_next_probe`` predicts from the probes nearest the
+    bracket [largest certified, smallest failed] (see there). A probe below a failed one starts from that probe's
+    ReLU bounds (they hold on its smaller ball: the neurons they prove stable need no back-substitution) and
+    replays its per-layer decisions (letting the sampled gain decide anew made it skip back-substitution that
+    mattered: its margins came out low near the root and the search crept down in 6-8 cheap probes). The search
+    stops when the certified radius is within ``relative_tolerance`` of the failed one (or when the upper limit is
+    certified, or after ``max_probes``). 0 where even eps_min is not certified.
     ``progress(1)`` is called after each sample."""
     import time
     from verifiers.bounds import margin_specification
@@ -257,7 +259,7 @@ def crown_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: Un
             # a little above the radius expected: probes below a failed one replay its bounds and cost less
             probe = min(high, 1.05 * sorted(found)[len(found) // 2] if found else high * search.first(norm))
             failed = None  # (eps, ReLU bounds, plan) of the smallest failed probe
-            first_order = _first_order(model, xi, spec, norm, tol) if search.first_order else None
+            first_order = _first_order(model, xi, logits[i:i + 1], spec, norm, tol) if search.first_order else None
             for _ in range(search.max_probes):
                 replay = failed is not None and probe <= failed[0]
                 bound = linear_bound(model, xi, Perturbation.ball(norm, probe, xi), spec, options=options,
