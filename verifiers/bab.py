@@ -11,7 +11,7 @@ constraint added to the objective through a Lagrange multiplier ``beta >= 0`` (b
 subdomain ``f(x) >= f(x) - beta * s * z(x)``, and the right side is bounded over the whole box), the lower
 slopes ``alpha`` of the unstable ReLUs and the multipliers optimised by projected Adam, many subdomains at once
 (the batch axis). Any alpha in [0, 1] and beta >= 0 gives a sound bound, so the optimiser only decides how
-tight. Intermediate bounds stay those of the box (valid in every subdomain). Subdomains whose every clause is
+tight. Intermediate bounds are those of the box (valid in every subdomain), alpha-optimised once before the root. Subdomains whose every clause is
 impossible are dropped; the others are split on the ReLU with the best branching score, worst bound first.
 Every bounded subdomain's minimiser of its worst linear bound is handed to ``falsify`` (with the promising ones
 used as attack starts), so a counterexample found on the way ends the search (``sat``).
@@ -56,7 +56,10 @@ class BabOptions:
     ``width`` (the widest unstable pre-activation interval); batch_bytes: the memory one batch's coefficients
     may take (large networks bound smaller batches); input_dims: input splitting below this many inputs;
     refine: recompute the bounds of ReLUs below a split in each batch (CROWN through the split-aware
-    relaxations), so splits tighten the layers after them and not only the output."""
+    relaxations), so splits tighten the layers after them and not only the output (off by default: after
+    the intermediate optimisation it slowed the search more than it tightened, on mnistfc 256x2 and 256x4);
+    intermediate_iterations / lr_intermediate: alpha-CROWN on every ReLU's input bounds before the root
+    (:func:`tighten_relu_bounds`; 0: CROWN's bounds as they are)."""
     batch: int = 256
     iterations: int = 12
     root_iterations: int = 40
@@ -66,11 +69,15 @@ class BabOptions:
     batch_bytes: int = 2 ** 29
     input_dims: int = 16
     attack_starts: int = 16
-    refine: bool = True
+    refine: bool = False
+    intermediate_iterations: int = 20
+    lr_intermediate: float = 0.1
 
     def __post_init__(self):
-        if self.batch < 1 or self.iterations < 0 or self.root_iterations < 0 or self.attack_starts < 0:
-            raise BoundInputError("batch must be >= 1; iterations, root_iterations and attack_starts >= 0")
+        if self.batch < 1 or min(self.iterations, self.root_iterations, self.attack_starts,
+                                 self.intermediate_iterations) < 0:
+            raise BoundInputError("batch must be >= 1; iterations, root_iterations, intermediate_iterations and "
+                                  "attack_starts >= 0")
         if self.branching not in BRANCHING:
             raise BoundInputError(f"unknown branching {self.branching!r}; known: {', '.join(BRANCHING)}")
 
@@ -146,6 +153,78 @@ def _root_positions(tape: Tape) -> List[torch.Tensor]:
             cached.append(position)
         tape._root_positions = cached
     return cached
+
+
+def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_bytes: int = 2 ** 28) -> int:
+    """alpha-CROWN on the tape's pre-activation bounds: each ReLU layer after the first, in order, its
+    unstable neurons' lower and upper bounds back-substituted with the lower slopes of the ReLUs before it
+    optimised per bound (projected Adam, ``steps`` steps; any slope in [0, 1] is sound, each bound keeps its
+    best value and is intersected with the one the tape had), so each layer is relaxed from the tightened
+    bounds of the layers before it. Returns how many neurons became stable. Stops at the deadline with what
+    it has (every bound written is sound)."""
+    x, box = tape.x, tape.perturbation
+    widest = max(math.prod(n.shape) for n in tape.nodes)
+    stabilised = 0
+    for k, node in enumerate(tape.relus):
+        earlier = tape.relus[:k]
+        if not earlier or time.perf_counter() > deadline:
+            continue
+        parent = node.parents[0]
+        flat_l = node.data["lower"].reshape(1, -1).clone()
+        flat_u = node.data["upper"].reshape(1, -1).clone()
+        index = ((flat_l < 0) & (flat_u > 0))[0].nonzero().flatten()
+        if not len(index):
+            continue
+        bases = [ReluRelaxation.from_bounds(e.data["lower"], e.data["upper"]) for e in earlier]
+        chunk = max(1, row_bytes // (2 * widest * x.element_size() * 4))
+        for start in range(0, len(index), chunk):
+            part = index[start:start + chunk]
+            count = len(part)
+            rows = torch.arange(count, device=x.device)
+            spec = x.new_zeros(1, 2 * count, flat_l.shape[1])
+            spec[0, rows, part] = 1.0
+            spec[0, count + rows, part] = -1.0
+            spec = spec.view(1, 2 * count, *parent.shape)
+            opens, alphas = [], []
+            for e, base in zip(earlier, bases):
+                l_u = e.data["lower"].reshape(1, -1)[:, base.unstable]
+                u_u = e.data["upper"].reshape(1, -1)[:, base.unstable]
+                opens.append(((l_u < 0) & (u_u > 0)).unsqueeze(1))
+                alphas.append(base.lower_slope.unsqueeze(1).expand(1, 2 * count, -1).clone().requires_grad_(True))
+            trained = [a for a in alphas if a.numel()]
+            optimiser = torch.optim.Adam(trained, lr=lr) if trained else None
+            best = torch.full((1, 2 * count), -math.inf, device=x.device, dtype=x.dtype)
+            for step in range(steps + 1):
+                if step and time.perf_counter() > deadline:
+                    break
+                for e, base, open_, alpha in zip(earlier, bases, opens, alphas):
+                    slope = torch.where(open_, alpha, base.lower_slope.unsqueeze(1))
+                    e.data["relaxation"] = ReluRelaxation(base.passes, base.unstable, slope, base.upper_slope,
+                                                          base.upper_intercept)
+                with torch.enable_grad():
+                    A, bias, _ = back_substitute(parent, spec)
+                    bound = box.minimum(A, bias, x)
+                    if step < steps and optimiser is not None:
+                        gradients = torch.autograd.grad(-bound.sum(), trained)
+                best = torch.maximum(best, bound.detach())
+                if step < steps and optimiser is not None:
+                    for alpha, gradient in zip(trained, gradients):
+                        alpha.grad = gradient
+                    optimiser.step()
+                    with torch.no_grad():
+                        for alpha in trained:
+                            alpha.clamp_(0.0, 1.0)
+            flat_l[:, part] = torch.maximum(flat_l[:, part], best[:, :count])
+            flat_u[:, part] = torch.minimum(flat_u[:, part], -best[:, count:])
+        for e, base in zip(earlier, bases):
+            e.data["relaxation"] = base
+        before = int(index.numel())
+        lower, upper = flat_l.view_as(node.data["lower"]), flat_u.view_as(node.data["upper"])
+        node.data.update(lower=lower, upper=upper, relaxation=ReluRelaxation.from_bounds(lower, upper))
+        stabilised += before - int(((flat_l < 0) & (flat_u > 0)).sum())
+    if hasattr(tape, "_root_positions"):
+        del tape._root_positions
+    return stabilised
 
 
 @dataclass
@@ -337,6 +416,9 @@ def relu_branch_and_bound(model: nn.Module, lower: torch.Tensor, upper: torch.Te
     if tape is None:
         tape = bounded_tape(model, (lower + upper) / 2, Perturbation.input_box(lower, upper),
                             options=CrownOptions(backsubstitution="all"))
+    if options.intermediate_iterations:
+        stable = tighten_relu_bounds(tape, options.intermediate_iterations, options.lr_intermediate, deadline)
+        note(f"intermediate bounds: {stable} more ReLUs stable ({time.perf_counter() - began:.2f} s)")
     root = _bound_domains(tape, spec, [Domain()], options, options.root_iterations, deadline)
     if root is None:
         return finish("timeout")

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from tests.violation import random_points
 from verifiers.bab import (BabOptions, Domain, Specification, _bound_domains, input_branch_and_bound,
-                           relu_branch_and_bound)
+                           relu_branch_and_bound, tighten_relu_bounds)
 from verifiers.crown import bounded_tape
 from verifiers.errors import BoundInputError
 from verifiers.milp import exact_minimum
@@ -79,13 +79,17 @@ def test_every_verdict_agrees_with_the_milp_minimum(seed, branching):
             assert result.proven_margin is not None and result.proven_margin <= exact + 1e-4
 
 
+@pytest.mark.parametrize("tightened", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_points_of_a_subdomain_never_go_below_its_bound(seed):
-    """A subdomain's beta-CROWN bound holds for every input of the box whose activations obey its splits."""
+def test_points_of_a_subdomain_never_go_below_its_bound(seed, tightened):
+    """A subdomain's beta-CROWN bound holds for every input of the box whose activations obey its splits (on
+    the tape as CROWN leaves it, and after its intermediate bounds are optimised as branch and bound does)."""
     net = _mlp(seed + 10)
     lower, upper = _box(seed, 6, 0.2)
     spec = _margin_spec(0, 3)
     tape = bounded_tape(net, (lower + upper) / 2, Perturbation.input_box(lower, upper))
+    if tightened:
+        tighten_relu_bounds(tape, 20, 0.1, math.inf)
     unstable = [((n.data["lower"] < 0) & (n.data["upper"] > 0)).flatten().nonzero().flatten() for n in tape.relus]
     generator = torch.Generator().manual_seed(seed)
     domains = []
@@ -115,6 +119,38 @@ def test_points_of_a_subdomain_never_go_below_its_bound(seed):
             inside &= (pre[layer][:, neuron] >= 0) if sign > 0 else (pre[layer][:, neuron] <= 0)
         if inside.any():
             assert (rows[inside] >= bounded.rows[i] - 1e-5).all(), (domain.splits, rows[inside].min(0), bounded.rows[i])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimised_intermediate_bounds_hold_below_the_exact_minimum_and_only_tighten(seed):
+    """Each ReLU input's optimised bounds: never looser than CROWN's, never past the exact MILP minimum /
+    maximum of that neuron over the box (the network cut after its layer), never past sampled points, and
+    tighter than CROWN's somewhere (the optimisation does something)."""
+    net = _mlp(seed + 30, inputs=6, hidden=(16, 16, 16), outputs=3)
+    lower, upper = _box(seed, 6, 0.15)
+    tape = bounded_tape(net, (lower + upper) / 2, Perturbation.input_box(lower, upper))
+    before = [(n.data["lower"].clone(), n.data["upper"].clone()) for n in tape.relus]
+    tighten_relu_bounds(tape, 30, 0.1, math.inf)
+    after = [(n.data["lower"], n.data["upper"]) for n in tape.relus]
+    points = torch.max(torch.min(lower + (upper - lower) * torch.rand(4000, 6, generator=torch.Generator().manual_seed(seed)),
+                                 upper), lower)
+    gained = 0.0
+    for layer, ((l0, u0), (l1, u1)) in enumerate(zip(before, after)):
+        assert (l1 >= l0).all() and (u1 <= u0).all()
+        gained += float((l1 - l0).sum() + (u0 - u1).sum())
+        prefix = net[:2 * layer + 1]
+        with torch.no_grad():
+            z = prefix(points)
+        assert (z >= l1 - 1e-5).all() and (z <= u1 + 1e-5).all()
+        if layer == 0:
+            continue
+        width = prefix[-1].out_features
+        for neuron in range(0, width, 3):
+            c = np.eye(width)[neuron]
+            low = exact_minimum(prefix, lower[0], upper[0], c, time_limit=30).margin
+            high = -exact_minimum(prefix, lower[0], upper[0], -c, time_limit=30).margin
+            assert float(l1[0, neuron]) <= low + 1e-4 and float(u1[0, neuron]) >= high - 1e-4, (layer, neuron)
+    assert gained > 0
 
 
 def test_a_planted_counterexample_is_found():
