@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -43,7 +44,12 @@ logger = logging.getLogger(__name__)
 
 MODES = ("standard", "pgd", "ibp", "crown-ibp")
 CERTIFIED_MODES = ("ibp", "crown-ibp")
-NETWORKS = ("darts", "mlp")
+NETWORKS = ("darts", "mlp", "cnn")
+# hand-designed CNNs of the sizes the IBP paper (Gowal et al. 2018) reports: (channels, kernel, stride) per
+# convolution, then fully connected widths
+CNN_PRESETS = {"small": "c16k4s2,c32k4s1,f100",
+               "medium": "c32k3s1,c32k4s2,c64k3s1,c64k4s2,f512,f512",
+               "large": "c64k3s1,c64k3s1,c128k3s2,c128k3s1,c128k3s1,f512"}
 OPTIMIZERS = ("auto", "sgd", "adam")
 INITS = ("auto", "standard", "ibp")
 EPS_SCHEDULES = ("smooth", "linear", "log")
@@ -70,7 +76,10 @@ class TrainConfig:
     data_root: Optional[str] = data_root_setting()
     image_size: int = setting(32, "Image size for --data imagenet.")
     network: str = setting("darts", "darts: the cell network of --genotype; mlp: a plain ReLU MLP (small enough for "
-                           "--method milp).", choices=NETWORKS)
+                           "--method milp); cnn: a plain ReLU CNN (--cnn).", choices=NETWORKS)
+    cnn: str = setting("small", "Layers of --network cnn: small, medium or large (the IBP paper's sizes), or a list "
+                       "like c16k4s2,c32k4s1,f100 (convolutions: channels, kernel, stride; then fully connected "
+                       "widths).")
     genotype: str = setting("PC_DARTS", "genotype.json from certnas search, or a published cell: DARTS_V1, DARTS_V2, "
                             "PC_DARTS.")
     layers: int = setting(2, "Cells (paper: 20; reduction cells at 1/3 and 2/3 of the depth from 3 cells on).")
@@ -163,7 +172,26 @@ class TrainConfig:
                               "use --drop-path 0 with --mode ibp / crown-ibp")
         if self.network == "mlp" and (not self.hidden or min(self.hidden) < 1):
             raise ConfigError(f"--hidden must list positive widths, got {self.hidden}")
+        if self.network == "cnn":
+            cnn_layers(self.cnn)
         return self
+
+
+def cnn_layers(text: str) -> Tuple[Tuple[Tuple[int, int, int], ...], Tuple[int, ...]]:
+    """(convolutions as (channels, kernel, stride), fully connected widths) of a --cnn preset or list;
+    ConfigError (one line) for anything else."""
+    spec = CNN_PRESETS.get(text, text)
+    convs, hidden = [], []
+    for part in spec.split(","):
+        match = re.fullmatch(r"c(\d+)k(\d+)s(\d+)|f(\d+)", part.strip())
+        values = [int(v) for v in match.groups() if v is not None] if match else []
+        if not values or min(values) < 1 or (match.group(4) is None and hidden):
+            raise ConfigError(f"--cnn {text!r}: expected small, medium, large or a list like c16k4s2,c32k4s1,f100 "
+                              "(convolutions first, every number >= 1)")
+        (hidden if match.group(4) is not None else convs).append(values[0] if len(values) == 1 else tuple(values))
+    if not convs:
+        raise ConfigError(f"--cnn {text!r}: needs at least one convolution (cCkKsS)")
+    return tuple(convs), tuple(hidden)
 
 
 def resolve_genotype(text: str) -> Genotype:
@@ -201,11 +229,17 @@ def network_config(config: TrainConfig, info: DataInfo) -> NetworkConfig:
         if config.head_grid and size % config.head_grid:
             raise ConfigError(f"--head-grid {config.head_grid} does not divide the last cell's {size}x{size} maps")
         head_grid = config.head_grid or max(g for g in range(1, min(7, size) + 1) if size % g == 0)
-    return NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
+    convs, hidden = cnn_layers(config.cnn) if config.network == "cnn" else ((), tuple(config.hidden))
+    built = NetworkConfig(kind=config.network, in_channels=info.in_channels, image_size=info.image_size,
                          num_classes=info.num_classes, mean=tuple(info.mean), std=tuple(info.std), genotype=genotype,
                          layers=config.layers, init_channels=config.init_channels, auxiliary=config.auxiliary,
-                         hidden=tuple(config.hidden), stem=config.stem,
-                         head_grid=head_grid)
+                         hidden=hidden, stem=config.stem, head_grid=head_grid, convs=convs)
+    if config.network == "cnn":
+        try:
+            build_network(built)
+        except ValueError as error:
+            raise ConfigError(f"--cnn {config.cnn!r}: {error}") from None
+    return built
 
 
 def smooth_ramp(progress: float, knee: float = 0.25, power: float = 4.0) -> float:

@@ -186,7 +186,8 @@ class DartsNetwork(nn.Module):
 @dataclass(frozen=True)
 class NetworkConfig:
     """Everything needed to rebuild a network. kind: ``darts`` (genotype, layers, init_channels,
-    auxiliary, stem, head_grid) or ``mlp`` (hidden widths)."""
+    auxiliary, stem, head_grid), ``mlp`` (hidden widths) or ``cnn`` (convs: (channels, kernel, stride) per
+    convolution, padding (kernel - 1) // 2, then the hidden widths of the fully connected layers)."""
     kind: str
     in_channels: int
     image_size: int
@@ -200,6 +201,7 @@ class NetworkConfig:
     hidden: Tuple[int, ...] = field(default_factory=tuple)
     stem: str = "cifar"
     head_grid: int = 1
+    convs: Tuple[Tuple[int, int, int], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -209,7 +211,8 @@ class NetworkConfig:
         from certnas.config import from_dict
         config = from_dict(cls, data)
         return cls(**{**asdict(config), "mean": tuple(config.mean), "std": tuple(config.std),
-                      "hidden": tuple(int(h) for h in config.hidden)})
+                      "hidden": tuple(int(h) for h in config.hidden),
+                      "convs": tuple(tuple(int(v) for v in c) for c in config.convs)})
 
 
 def build_network(config: NetworkConfig) -> nn.Module:
@@ -231,4 +234,23 @@ def build_network(config: NetworkConfig) -> nn.Module:
             width = hidden
         layers.append(nn.Linear(width, config.num_classes))
         return nn.Sequential(*layers)
-    raise ValueError(f"unknown network kind {config.kind!r}; known: darts, mlp")
+    if config.kind == "cnn":
+        if not config.convs:
+            raise ValueError("a cnn needs at least one convolution")
+        layers = [Normalize(config.mean, config.std, config.in_channels)]
+        channels, size = config.in_channels, config.image_size
+        for out, kernel, stride in config.convs:
+            padding = (kernel - 1) // 2
+            layers += [nn.Conv2d(channels, out, kernel, stride, padding), nn.ReLU()]
+            channels, size = out, (size + 2 * padding - kernel) // stride + 1
+            if size < 1:
+                raise ValueError(f"the convolutions {config.convs} shrink {config.image_size}x{config.image_size} "
+                                 "images to nothing")
+        layers.append(nn.Flatten())
+        width = channels * size * size
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, config.num_classes))
+        return nn.Sequential(*layers)
+    raise ValueError(f"unknown network kind {config.kind!r}; known: darts, mlp, cnn")

@@ -77,6 +77,14 @@ def test_network_config_round_trips_and_builds_both_kinds():
     mlp = NetworkConfig("mlp", 1, 8, 3, (0.0,), (1.0,), hidden=(5, 4))
     assert NetworkConfig.from_dict(mlp.to_dict()) == mlp
     assert build_network(mlp)(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    cnn = NetworkConfig("cnn", 1, 28, 10, (0.1,), (0.3,), convs=((16, 4, 2), (32, 4, 1)), hidden=(100,))
+    assert NetworkConfig.from_dict(cnn.to_dict()) == cnn
+    net = build_network(cnn)
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    # padding (kernel - 1) // 2: 28 -> 14 (4x4 / 2) -> 13 (4x4 / 1), so the first fully connected layer reads 32 x 13 x 13
+    assert [m.in_features for m in net if isinstance(m, torch.nn.Linear)] == [32 * 13 * 13, 100]
+    with pytest.raises(ValueError, match="to nothing"):
+        build_network(NetworkConfig("cnn", 1, 4, 3, (0.0,), (1.0,), convs=((4, 4, 2), (4, 4, 2), (4, 4, 2))))
     with pytest.raises(ValueError, match="unknown network kind"):
         build_network(NetworkConfig("resnet", 1, 8, 3, (0.0,), (1.0,)))
 

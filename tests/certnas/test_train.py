@@ -74,6 +74,10 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, mon
     ({"mode": "trades"}, ConfigError, "unknown mode"), ({"mode": "ibp", "drop_path": 0.2}, ConfigError, "drop-path"),
     ({"genotype": "NOPE"}, GenotypeError, "neither a file"), ({"network": "mlp", "hidden": ()}, ConfigError, "hidden"),
     ({"network": "darts", "layers": 3, "stem": "strided"}, ConfigError, "cell 2 .* 7x7 maps"),
+    ({"network": "cnn", "cnn": "c16k4"}, ConfigError, "--cnn"), ({"network": "cnn", "cnn": "f100"}, ConfigError, "--cnn"),
+    ({"network": "cnn", "cnn": "f10,c8k3s1"}, ConfigError, "convolutions first"),
+    ({"network": "cnn", "cnn": "c0k3s1"}, ConfigError, ">= 1"),
+    ({"network": "cnn", "cnn": "c4k4s2,c4k4s2,c4k4s2,c4k4s2,c4k4s2"}, ConfigError, "to nothing"),
 ])
 def test_invalid_training_settings_are_refused(tmp_path, change, error, message):
     with pytest.raises(error, match=message):
@@ -172,3 +176,18 @@ def test_a_run_that_certifies_nothing_says_so_in_its_summary(tmp_path):
     assert summary["test_ibp_verified"] == 0
     assert any("stayed 0 after the eps ramp" in w for w in summary["warnings"])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
+
+
+def test_cnn_presets_and_lists_reach_the_trained_network(tmp_path):
+    """--network cnn: a preset name or a layer list becomes the saved network's layers, which load back safely."""
+    from certnas.io import load_model_with_meta
+    from certnas.train import CNN_PRESETS, cnn_layers
+    assert cnn_layers("small") == (((16, 4, 2), (32, 4, 1)), (100,))
+    assert cnn_layers("c8k3s1, c4k4s2,f12,f7") == (((8, 3, 1), (4, 4, 2)), (12, 7))
+    assert set(CNN_PRESETS) == {"small", "medium", "large"}
+    train(replace(TINY, network="cnn", cnn="c4k3s2,f8"), tmp_path / "run", quiet=True)
+    model, _ = load_model_with_meta(tmp_path / "run" / "model.pt")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(4, (3, 3), (2, 2))]
+    assert [m.out_features for m in linears] == [8, 10]
