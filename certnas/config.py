@@ -126,7 +126,7 @@ def from_dict(cls: Type[T], values: Mapping[str, Any], base: Optional[T] = None)
 # radius form, so every earlier search keeps its key at today's value. SearchConfig.a_lr_schedule / a_lr_min:
 # every search before them kept the architecture learning rate constant. VerifyConfig.at_eps: every verification
 # before it bounded each method at eps; VerifyConfig.bab_time_limit: at its default (no earlier run used bab).
-FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1}, "VerifyConfig": {"at_eps": True, "bab_time_limit": 30.0},
+FORMER_VALUES: dict = {"TrainConfig": {"head_grid": 1, "cnn": "small"}, "VerifyConfig": {"at_eps": True, "bab_time_limit": 30.0},
                        "SearchConfig": {"radius_min": 1e-6, "a_lr_schedule": "constant", "a_lr_min": 0.0}}
 
 
