@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import re
 import statistics
@@ -156,6 +157,20 @@ def _write(out: Path, rows: List[Dict[str, object]]) -> None:
                       + markdown(summary.fillna("")) + "\n")
 
 
+def _record_run(path: Path, words: List[str], folder: Path, threads: int, seconds: float) -> None:
+    """Add this run (command, threads, minutes, environment) to ``run.json``'s list of runs; a resumed run keeps
+    the record of the ones before it. The benchmark folder is written as ``<DIR>/name``: the machine's own path
+    says nothing to a reader of the committed results."""
+    shown = [f"<DIR>/{folder.name}" if Path(word) == folder else word for word in words]
+    runs = []
+    if path.is_file():
+        former = json.loads(path.read_text())
+        runs = former.get("runs", [former])
+    runs.append({"command": "python -m benchmarks.vnncomp " + " ".join(shown), "threads": threads,
+                 "minutes_this_run": round(seconds / 60, 1), "environment": environment()})
+    write_json(path, {"folder": folder.name, "runs": runs})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vnncomp", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a benchmark folder in the VNN-COMP layout")
@@ -203,9 +218,7 @@ def main(argv=None) -> int:
         print(f"[{count}/{len(instances)}] {network} {prop}: {row['verdict']} in {row['seconds']} s "
               f"({row['decided_by'] or row['note'] or '-'}), expected {want or '?'}: {row['outcome']}", flush=True)
     _write(out, done)
-    write_json(out / "run.json", {"command": "python -m benchmarks.vnncomp " + " ".join(argv or sys.argv[1:]),
-                                  "threads": args.threads, "minutes_this_run": round((time.time() - began) / 60, 1),
-                                  "environment": environment()})
+    _record_run(out / "run.json", list(argv or sys.argv[1:]), args.folder, args.threads, time.time() - began)
     for line in summarise(done):
         print("  ".join(f"{k} {v}" for k, v in line.items()))
     return 0

@@ -35,7 +35,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from verifiers.crown import CrownOptions, Tape, _backward_bounds, bounded_tape
+from verifiers.crown import CrownOptions, Tape, _backward_bounds, bounded_tape, neuron_spec, projected_step
 from verifiers.errors import BoundInputError
 from verifiers.interval import ReluRelaxation, back_substitute
 from verifiers.perturbation import Perturbation
@@ -180,11 +180,7 @@ def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_
         for start in range(0, len(index), chunk):
             part = index[start:start + chunk]
             count = len(part)
-            rows = torch.arange(count, device=x.device)
-            spec = x.new_zeros(1, 2 * count, flat_l.shape[1])
-            spec[0, rows, part] = 1.0
-            spec[0, count + rows, part] = -1.0
-            spec = spec.view(1, 2 * count, *parent.shape)
+            spec = neuron_spec(part, parent.shape, 1, x)
             opens, alphas = [], []
             for e, base in zip(earlier, bases):
                 l_u = e.data["lower"].reshape(1, -1)[:, base.unstable]
@@ -208,12 +204,7 @@ def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_
                         gradients = torch.autograd.grad(-bound.sum(), trained)
                 best = torch.maximum(best, bound.detach())
                 if step < steps and optimiser is not None:
-                    for alpha, gradient in zip(trained, gradients):
-                        alpha.grad = gradient
-                    optimiser.step()
-                    with torch.no_grad():
-                        for alpha in trained:
-                            alpha.clamp_(0.0, 1.0)
+                    projected_step(optimiser, trained, gradients, [(0.0, 1.0)] * len(trained))
             flat_l[:, part] = torch.maximum(flat_l[:, part], best[:, :count])
             flat_u[:, part] = torch.minimum(flat_u[:, part], -best[:, count:])
         for e, base in zip(earlier, bases):
@@ -288,7 +279,10 @@ def _bound_domains(tape: Tape, spec: Specification, domains: Sequence[Domain], o
         alpha.requires_grad_(True)
         beta.requires_grad_(True)
         layers.append((node, node.parents[0], base, open_, alpha, beta, split_index, split, (lower, upper)))
-    parameters = [p for layer in layers for p in (layer[4], layer[5]) if p.numel()]
+    # alphas (slot 4) stay in [0, 1], betas (slot 5) in [0, inf): the sets where every bound is sound
+    trained = [(layer[k], (0.0, 1.0) if k == 4 else (0.0, None)) for layer in layers for k in (4, 5)
+               if layer[k].numel()]
+    parameters, ranges = [p for p, _ in trained], [r for _, r in trained]
     optimiser = torch.optim.Adam([{"params": [layer[4] for layer in layers if layer[4].numel()], "lr": options.lr_alpha},
                                   {"params": [layer[5] for layer in layers if layer[5].numel()], "lr": options.lr_beta}])
     C = spec.C.to(dtype).unsqueeze(0).expand(batch, -1, -1)
@@ -326,13 +320,7 @@ def _bound_domains(tape: Tape, spec: Specification, domains: Sequence[Domain], o
             mask = better.view(*better.shape, *([1] * (A.dim() - 2)))
             best_A, best_bias = torch.where(mask, A.detach(), best_A), torch.where(better, bias.detach(), best_bias)
         if step < iterations and parameters:
-            for parameter, gradient in zip(parameters, gradients):
-                parameter.grad = gradient
-            optimiser.step()
-            with torch.no_grad():  # back into the sets where every bound is sound
-                for layer in layers:
-                    layer[4].clamp_(0.0, 1.0)
-                    layer[5].clamp_(min=0.0)
+            projected_step(optimiser, parameters, gradients, ranges)
     scores = _scores(layers, best, spec, options)
     alphas, betas = [], []
     for number, (node, parent, base, open_, alpha, beta, split_index, split, _) in enumerate(layers):

@@ -31,7 +31,7 @@ code (sampled and PGD-searched points, exact MILP minima, auto_LiRPA's CROWN).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -333,8 +333,8 @@ def _backward_bounds(node: Node, index: torch.Tensor, perturbation: Perturbation
     for start in range(0, len(index), chunk):
         part = index[order[start:start + chunk]]
         count = len(part)
-        rows = torch.arange(count, device=x.device)
         if windowed:
+            rows = torch.arange(count, device=x.device)
             channel, row, column = part // (height * width), (part // width) % height, part % width
             top, left = int(row.min()), int(column.min())
             window = (channels, int(row.max()) - top + 1, int(column.max()) - left + 1)
@@ -343,10 +343,7 @@ def _backward_bounds(node: Node, index: torch.Tensor, perturbation: Perturbation
             spec[:, count + rows, channel, row - top, column - left] = -1.0
             A, bias, _ = back_substitute(node, spec, origin=(top, left))
         else:
-            spec = x.new_zeros(batch, 2 * count, _numel(shape))
-            spec[:, rows, part] = 1.0
-            spec[:, count + rows, part] = -1.0
-            A, bias, _ = back_substitute(node, spec.view(batch, 2 * count, *shape))
+            A, bias, _ = back_substitute(node, neuron_spec(part, shape, batch, x))
         bound = perturbation.minimum(A, bias, x)
         lowers.append(bound[:, :count])
         uppers.append(-bound[:, count:])
@@ -387,6 +384,31 @@ def _tighten(node: Node, lower: torch.Tensor, upper: torch.Tensor, exact: bool, 
                                                                  options.window_tile))
         done += len(todo)
     return flat_l.view_as(lower), flat_u.view_as(upper), done, True
+
+
+def neuron_spec(index: torch.Tensor, shape: Sequence[int], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, 2R, *shape) specification bounding the R flat neurons ``index`` of a node from both sides: row r picks
+    neuron index[r] (its lower bound), row R + r its negation (minus its upper bound)."""
+    count = len(index)
+    rows = torch.arange(count, device=index.device)
+    spec = like.new_zeros(batch, 2 * count, _numel(shape))
+    spec[:, rows, index] = 1.0
+    spec[:, count + rows, index] = -1.0
+    return spec.view(batch, 2 * count, *shape)
+
+
+def projected_step(optimiser: torch.optim.Optimizer, parameters: Sequence[torch.Tensor],
+                   gradients: Sequence[Optional[torch.Tensor]],
+                   ranges: Sequence[Tuple[Optional[float], Optional[float]]]) -> None:
+    """One projected-gradient step: ``optimiser`` steps with these gradients, then each parameter is clamped back
+    into its range, the set where every bound it gives is sound ([0, 1] for a ReLU's lower slope, [0, inf) for a
+    split's multiplier)."""
+    for parameter, gradient in zip(parameters, gradients):
+        parameter.grad = gradient
+    optimiser.step()
+    with torch.no_grad():
+        for parameter, (low, high) in zip(parameters, ranges):
+            parameter.clamp_(low, high)
 
 
 def _intersect(flat_l, flat_u, index, lower, upper) -> None:
@@ -531,12 +553,7 @@ def _optimise_output_slopes(output: Node, nodes: List[Node], spec: torch.Tensor,
         lower = torch.where(better, bound.detach(), lower)
         bias = torch.where(better, step_bias.detach(), bias)
         A = torch.where(better.view(*better.shape, *([1] * (A.dim() - 2))), step_A.detach(), A)
-        for slope, gradient in zip(slopes, gradients):
-            slope.grad = gradient
-        optimiser.step()
-        with torch.no_grad():
-            for slope in slopes:
-                slope.clamp_(0.0, 1.0)
+        projected_step(optimiser, slopes, gradients, [(0.0, 1.0)] * len(slopes))
     return A, bias, lower
 
 

@@ -1,6 +1,7 @@
 """The VNN-COMP runner on a small benchmark folder in the competition's layout: one robust and one violated
 property, each decided in a process of its own, scored against the verdicts written beside them."""
 import csv
+import json
 
 import pytest
 import torch
@@ -42,6 +43,10 @@ def test_every_instance_is_decided_in_its_own_process_and_scored(folder, tmp_pat
     # resuming finds both instances done and runs nothing
     assert vnncomp.main([str(path), "--out", str(tmp_path), "--threads", "1"]) == 0
     assert len(list(csv.DictReader((tmp_path / "instances.csv").read_text().splitlines()))) == 2
+    # both runs are recorded, with the benchmark folder by name and not by this machine's path
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["folder"] == path.name and len(record["runs"]) == 2
+    assert all(str(path) not in run["command"] and f"<DIR>/{path.name}" in run["command"] for run in record["runs"])
 
 
 def test_a_wrong_counterexample_is_caught(folder, tmp_path):
