@@ -154,7 +154,7 @@ def _write(out: Path, rows: List[Dict[str, object]]) -> None:
     atomic_write_text(out / "summary.md", "# VNN-COMP instances decided by certnas\n\nPer network: verdicts, "
                       "outcome against the verdicts other tools reported, the 2021 score (10 per correct, -100 "
                       "per wrong) and seconds per decided instance (a process per instance, start-up included).\n\n"
-                      + markdown(summary.fillna("")) + "\n")
+                      + markdown(summary.astype(object).fillna("")) + "\n")
 
 
 def _record_run(path: Path, words: List[str], folder: Path, threads: int, seconds: float) -> None:
