@@ -279,12 +279,11 @@ def _bound_domains(tape: Tape, spec: Specification, domains: Sequence[Domain], o
         alpha.requires_grad_(True)
         beta.requires_grad_(True)
         layers.append((node, node.parents[0], base, open_, alpha, beta, split_index, split, (lower, upper)))
-    # alphas (slot 4) stay in [0, 1], betas (slot 5) in [0, inf): the sets where every bound is sound
-    trained = [(layer[k], (0.0, 1.0) if k == 4 else (0.0, None)) for layer in layers for k in (4, 5)
-               if layer[k].numel()]
-    parameters, ranges = [p for p, _ in trained], [r for _, r in trained]
-    optimiser = torch.optim.Adam([{"params": [layer[4] for layer in layers if layer[4].numel()], "lr": options.lr_alpha},
-                                  {"params": [layer[5] for layer in layers if layer[5].numel()], "lr": options.lr_beta}])
+    alphas = [layer[4] for layer in layers if layer[4].numel()]
+    betas = [layer[5] for layer in layers if layer[5].numel()]
+    optimiser = torch.optim.Adam([{"params": alphas, "lr": options.lr_alpha}, {"params": betas, "lr": options.lr_beta}])
+    # alphas stay in [0, 1], betas in [0, inf): the sets where every bound is sound
+    parameters, ranges = alphas + betas, [(0.0, 1.0)] * len(alphas) + [(0.0, None)] * len(betas)
     C = spec.C.to(dtype).unsqueeze(0).expand(batch, -1, -1)
     best = torch.full((batch, rows), -math.inf, device=device, dtype=dtype)
     best_A = best_bias = None
