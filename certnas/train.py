@@ -329,7 +329,7 @@ def warmup_regulariser(bounds, tolerance: float, form: str = "log") -> Tuple[tor
                 balance = balance + term
         count += 1
     if count == 0:
-        return bounds.logits.sum() * 0, {}
+        return bounds.ibp.sum() * 0, {}
     tight, balance = tight / count, balance / count
     return tight + balance, {"reg_tightness": float(torch.as_tensor(tight).detach()),
                              "reg_balance": float(torch.as_tensor(balance).detach())}
@@ -358,8 +358,10 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Dict
     if parse_norm(config.norm) == math.inf:
         from verifiers.interval import interval_margins
         use_crown = config.mode == "crown-ibp" and plan["beta"] > 0
+        # the clean pass (a third of an IBP step) only feeds the clean loss and training-mode batch norm
+        clean = plan["kappa"] > 0 or batch_norm_training(model)
         bounds = interval_margins(model, x, y, plan["eps"], crown_ibp=use_crown, crown_rows=config.crown_rows,
-                                  forward=forward)
+                                  forward=forward, clean=clean)
         logits, aux = bounds.logits, bounds.auxiliary
         margins = bounds.ibp if not use_crown else plan["beta"] * bounds.crown_ibp + (1 - plan["beta"]) * bounds.ibp
         strength = config.reg_weight * (1 - plan["progress"])
@@ -371,13 +373,20 @@ def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Dict
         logits, aux = forward(x) if forward is not None else (model(x), None)
         margins = certified_margins(model, x, y, plan["eps"], config.norm, config.mode, plan["beta"])
     robust = F.cross_entropy(-margins, y)
-    loss = plan["kappa"] * natural(logits, aux) + (1 - plan["kappa"]) * robust
+    loss = robust if logits is None else plan["kappa"] * natural(logits, aux) + (1 - plan["kappa"]) * robust
     if regulariser is not None:
         loss = loss + regulariser
     others = margins.scatter(1, y[:, None], float("inf"))
     details.update({"robust_loss": robust.item(), "train_verified": (others.min(1).values > 0).float().mean().item(),
-                    "train_loss": loss.item(), "train_acc": (logits.argmax(1) == y).float().mean().item()})
+                    "train_loss": loss.item(),  # train_acc: NaN where the clean pass was skipped
+                    "train_acc": math.nan if logits is None else (logits.argmax(1) == y).float().mean().item()})
     return loss, details
+
+
+def batch_norm_training(model: nn.Module) -> bool:
+    """Whether any batch norm of ``model`` normalises with the batch's own statistics (training mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in model.modules())
 
 
 class Trainer:
@@ -481,6 +490,7 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
         if hasattr(trainer.model, "drop_path_prob"):
             trainer.model.drop_path_prob = config.drop_path * epoch / config.epochs
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         order = epoch_batches(train_set, config.batch_size, config.seed, epoch, config.train_limit)
         for index, batch in enumerate(order):
             plan = schedule(config, epoch * steps_per_epoch + index, steps_per_epoch)
@@ -493,12 +503,15 @@ def train(config: TrainConfig, out: Path, *, resume: bool = False, force: bool =
                 raise TrainingDivergedError(
                     f"training diverged in epoch {epoch + 1}, batch {index + 1}: {error}; {kept}. Try a smaller --lr, "
                     f"more --ramp-epochs, a smaller network or --eps (--max-loss 0 continues regardless)") from None
-            for key, value in row.items():
-                sums[key] = sums.get(key, 0.0) + value
+            for key, value in row.items():  # a NaN (train_acc without the clean pass) is left out of the mean
+                if not math.isnan(value):
+                    sums[key], counts[key] = sums.get(key, 0.0) + value, counts.get(key, 0) + 1
+                else:
+                    sums.setdefault(key, 0.0)
             progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.2f}", eps=f"{plan['eps']:.3g}")
             progress.update()
         trainer.scheduler.step()
-        means = {key: round(value / len(order), 6) for key, value in sums.items()}
+        means = {key: round(value / counts[key], 6) if counts.get(key) else math.nan for key, value in sums.items()}
         means["eps"] = round(plan["eps"], 6)
         means["lr"] = trainer.optimizer.param_groups[0]["lr"]
         means["test_acc"] = round(accuracy(trainer.model, splits.test, trainer.device, config.eval_limit), 6)

@@ -31,7 +31,7 @@ code (sampled and PGD-searched points, exact MILP minima, auto_LiRPA's CROWN).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -232,11 +232,17 @@ def _fold_channel_affine(nodes: List[Node]) -> List[Node]:
 State = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _signed(value, shape_rank: int):
-    """A constant factor as (positive part, negative part), each shaped to broadcast over (B, *shape)."""
+def _shaped(value, shape_rank: int) -> torch.Tensor:
+    """A constant factor shaped to broadcast over (B, *shape)."""
     factor = torch.as_tensor(value)
     if 0 < factor.dim() < shape_rank + 1:
         factor = factor.reshape((1,) * (shape_rank + 1 - factor.dim()) + tuple(factor.shape))
+    return factor
+
+
+def _signed(value, shape_rank: int):
+    """A constant factor as (positive part, negative part), each shaped to broadcast over (B, *shape)."""
+    factor = _shaped(value, shape_rank)
     return factor.clamp(min=0), factor.clamp(max=0)
 
 
@@ -244,9 +250,18 @@ def _with_input_axis(factor: torch.Tensor) -> torch.Tensor:
     return factor.unsqueeze(1) if factor.dim() > 0 else factor
 
 
+def _exact(state: State) -> bool:
+    """Whether a forward-mode state's lower and upper functions are one (no ReLU relaxed on its way from the input):
+    then a linear node maps it with its whole weight once instead of its positive and negative parts twice."""
+    return state[0] is state[2] and state[1] is state[3]
+
+
 def _forward_step(node: Node, states: Dict[Node, State], batch: int, size: int) -> State:
     """The forward-mode bounds of a linear node from its parents' (every kind but relu and input)."""
     kind, data = node.kind, node.data
+    if kind != "constant" and all(_exact(states[p]) for p in node.parents):
+        weights, biases = _exact_step(node, [states[p] for p in node.parents], batch, size)
+        return weights, biases, weights, biases
     if kind == "constant":
         value = data["value"].expand(batch, *node.shape)
         zero = value.new_zeros(batch, size, *node.shape)
@@ -282,11 +297,7 @@ def _forward_step(node: Node, states: Dict[Node, State], batch: int, size: int) 
             return t @ w.T
     elif kind == "conv":
         def apply(t, w):
-            flat = t.reshape(-1, *t.shape[-3:])
-            if flat.shape[0] >= interval.CHANNELS_LAST_ROWS > 0 and flat.device.type == "cpu":
-                flat = flat.contiguous(memory_format=torch.channels_last)  # see interval.CHANNELS_LAST_ROWS
-            out = F.conv2d(flat, w, None, data["stride"], data["padding"], data["dilation"], data["groups"])
-            return out.reshape(*t.shape[:-3], *out.shape[1:])
+            return _conv_rows(t, w, data)
     else:  # pragma: no cover - every kind of the tape is handled
         raise AssertionError(f"unknown node kind {kind}")
     new = (apply(Lw, positive) + apply(Uw, negative), apply(Lb, positive) + apply(Ub, negative),
@@ -295,6 +306,45 @@ def _forward_step(node: Node, states: Dict[Node, State], batch: int, size: int) 
         shaped = bias.view(1, -1, 1, 1) if kind == "conv" else bias
         new = (new[0], new[1] + shaped, new[2], new[3] + shaped)
     return new
+
+
+def _exact_step(node: Node, parents: List[State], batch: int, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (weights, bias) of a linear node's exact forward-mode function from its parents' exact ones."""
+    kind, data = node.kind, node.data
+    if kind == "sum":
+        (wa, ba), (wb, bb) = [(p[0], p[1]) for p in parents]
+        return (wa + wb, ba + bb) if data["signs"][1] > 0 else (wa - wb, ba - bb)
+    if kind == "cat":
+        dim = data["dim"]
+        return torch.cat([p[0] for p in parents], dim + 1), torch.cat([p[1] for p in parents], dim)
+    w, b = parents[0][0], parents[0][1]
+    if kind == "reshape":
+        return w.reshape(batch, size, *node.shape), b.reshape(batch, *node.shape)
+    if kind == "affine":
+        scale, shift = data["scale"], data["shift"]
+        if scale is not None:
+            scale = _shaped(scale, len(node.shape)).to(b)
+            w, b = w * _with_input_axis(scale), b * scale
+        return w, (b if shift is None else b + shift)
+    weight, bias = data["weight"], data["bias"]
+    if kind == "linear":
+        w, b = w @ weight.T, b @ weight.T
+    elif kind == "conv":
+        w, b = _conv_rows(w, weight, data), _conv_rows(b, weight, data)
+    else:  # pragma: no cover - every kind of the tape is handled
+        raise AssertionError(f"unknown node kind {kind}")
+    if bias is not None:
+        b = b + (bias.view(1, -1, 1, 1) if kind == "conv" else bias)
+    return w, b
+
+
+def _conv_rows(t: torch.Tensor, weight: torch.Tensor, data: Dict[str, Any]) -> torch.Tensor:
+    """The convolution of ``data`` (without bias) over the last three dimensions of ``t``."""
+    flat = t.reshape(-1, *t.shape[-3:])
+    if flat.shape[0] >= interval.CHANNELS_LAST_ROWS > 0 and flat.device.type == "cpu":
+        flat = flat.contiguous(memory_format=torch.channels_last)  # see interval.CHANNELS_LAST_ROWS
+    out = F.conv2d(flat, weight, None, data["stride"], data["padding"], data["dilation"], data["groups"])
+    return out.reshape(*t.shape[:-3], *out.shape[1:])
 
 
 def _forward_relu(state: State, relaxation: ReluRelaxation) -> State:
@@ -489,7 +539,8 @@ def bounded_tape(model: nn.Module, x: torch.Tensor, perturbation: Perturbation, 
                 if node.kind == "input":
                     eye = torch.eye(size, device=x.device, dtype=x.dtype).expand(batch, size, size)
                     zero = x.new_zeros(batch, *node.shape)
-                    states[node] = (eye.reshape(batch, size, *node.shape), zero, eye.reshape(batch, size, *node.shape), zero)
+                    eye = eye.reshape(batch, size, *node.shape)
+                    states[node] = (eye, zero, eye, zero)  # exact: one object for both (see _exact)
                 else:
                     states[node] = _forward_step(node, states, batch, size)
             for parent in node.parents:

@@ -66,18 +66,26 @@ class Interval(torch.Tensor):
         return out
 
     @staticmethod
-    def from_ball(x: torch.Tensor, eps: Union[float, torch.Tensor]) -> "Interval":
+    def from_ball(x: torch.Tensor, eps: Union[float, torch.Tensor], clean: bool = True) -> "Interval":
         """The L-inf ball of radius eps (float or (B,)) around x, intersected with [0, 1]."""
         eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
         lower = (x - eps_t).clamp(0.0, 1.0)
         upper = (x + eps_t).clamp(0.0, 1.0)
-        return Interval.from_box(x, lower, upper)
+        return Interval.from_box(x, lower, upper, clean)
 
     @staticmethod
-    def from_box(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> "Interval":
-        """The box ``lower <= x' <= upper`` (each shaped like x) with clean value x."""
+    def from_box(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, clean: bool = True) -> "Interval":
+        """The box ``lower <= x' <= upper`` (each shaped like x) with clean value x. ``clean=False``: boxes
+        only; the value is the box centre itself (the same tensor), no operation computes a clean value
+        (a third of the work when nothing reads it) and training-mode batch norm is refused."""
         node = Node("input", (), {"lower": lower, "upper": upper}, tuple(x.shape[1:]))
-        return Interval.make(x, (upper + lower) / 2, (upper - lower) / 2, node)
+        center = (upper + lower) / 2
+        return Interval.make(x if clean else center, center, (upper - lower) / 2, node)
+
+    @property
+    def clean(self) -> bool:
+        """Whether this Interval carries the clean value (False: its value is its box centre)."""
+        return self.value is not self.center
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -132,29 +140,47 @@ FUSE_LIMIT = 128
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if not isinstance(input, Interval) or isinstance(weight, Interval) or isinstance(bias, Interval):
         raise UnsupportedModelError("interval bounds: a convolution whose weights depend on the input")
+    if _is_channel_scale(weight, stride, padding, dilation, groups):
+        # a depthwise 1x1 convolution (certnas' input normalisation) is a per-channel affine map: recorded as
+        # one, every engine bounds it elementwise. As a convolution over full CROWN's (B x pixels) forward-mode
+        # rows, oneDNN took 19 s per call for what is 20 million multiplications (1 channel, 28x28, 32 digits).
+        view = (1, -1, 1, 1)
+        return _affine(input, lambda v: F.conv2d(v, weight, bias, stride, padding, dilation, groups),
+                       weight.reshape(view), None if bias is None else bias.reshape(view))
+    clean = input.clean
     if input.value.dim() == 4 and input.value.shape[0] * weight.shape[0] <= FUSE_LIMIT:
         # channels [value | centre | radius] through 3 * groups groups with weights [W | W | |W|]: each
         # group sees only its own block's channels, so each block of the output is the convolution it
-        # stands for; the three results are channel slices (views) of one output
-        stacked = torch.cat([input.value, input.center, input.radius], 1)
-        weights = torch.cat([weight, weight, weight.abs()], 0)
-        biases = None if bias is None else torch.cat([bias, bias, torch.zeros_like(bias)])
-        value, center, radius = F.conv2d(stacked, weights, biases, stride, padding, dilation, 3 * groups).chunk(3, 1)
+        # stands for; the results are channel slices (views) of one output (no value block without clean)
+        blocks = [input.value] * clean + [input.center, input.radius]
+        weights = torch.cat([weight] * (1 + clean) + [weight.abs()], 0)
+        biases = None if bias is None else torch.cat([bias] * (1 + clean) + [torch.zeros_like(bias)])
+        parts = F.conv2d(torch.cat(blocks, 1), weights, biases, stride, padding, dilation,
+                         len(blocks) * groups).chunk(len(blocks), 1)
+        center, radius = parts[-2:]
+        value = parts[0] if clean else center
     else:
-        value = F.conv2d(input.value, weight, bias, stride, padding, dilation, groups)
         center = F.conv2d(input.center, weight, bias, stride, padding, dilation, groups)
         radius = F.conv2d(input.radius, weight.abs(), None, stride, padding, dilation, groups)
+        value = F.conv2d(input.value, weight, bias, stride, padding, dilation, groups) if clean else center
     node = Node("conv", (input.node,), {"weight": weight, "bias": bias, "stride": stride, "padding": padding,
                                         "dilation": dilation, "groups": groups}, _rebatch(value.shape))
     return Interval.make(value, center, radius, node)
 
 
+def _is_channel_scale(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether a convolution multiplies each channel by one number (depthwise, 1x1, stride 1, no padding)."""
+    return (weight.dim() == 4 and tuple(weight.shape[1:]) == (1, 1, 1) and groups == weight.shape[0]
+            and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
+            and (padding in ("valid", "same") or _pair(padding) == (0, 0)))
+
+
 def _linear(input, weight, bias=None):
     if not isinstance(input, Interval) or isinstance(weight, Interval) or isinstance(bias, Interval):
         raise UnsupportedModelError("interval bounds: a linear layer whose weights depend on the input")
-    value = F.linear(input.value, weight, bias)
     center = F.linear(input.center, weight, bias)
     radius = F.linear(input.radius, weight.abs())
+    value = F.linear(input.value, weight, bias) if input.clean else center
     node = Node("linear", (input.node,), {"weight": weight, "bias": bias}, _rebatch(value.shape))
     out = Interval.make(value, center, radius, node)
     out.linear_input = input  # the margin specification is folded into a final linear layer
@@ -166,26 +192,31 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
         raise UnsupportedModelError("interval bounds: batch norm whose parameters depend on the input")
     dims = [0] + list(range(2, input.value.dim()))
     if training or running_mean is None:
+        if not input.clean:
+            raise UnsupportedModelError("interval bounds without the clean value: training-mode batch norm needs "
+                                        "the clean batch's statistics")
         # training mode bounds the function with this batch's clean statistics (as auto_LiRPA does)
         var, mean = torch.var_mean(input.value, dims, unbiased=False)
     else:
         mean, var = running_mean, running_var
-    value = F.batch_norm(input.value, running_mean, running_var, weight, bias, training, momentum, eps)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale if bias is None else bias - mean * scale
     view = (1, -1) + (1,) * (input.value.dim() - 2)
     scale, shift = scale.view(view), shift.view(view)
-    return _affine(input, value, scale, shift)
+    return _affine(input, lambda v: F.batch_norm(v, running_mean, running_var, weight, bias, training, momentum, eps),
+                   scale, shift)
 
 
-def _affine(input: Interval, value: torch.Tensor, scale, shift) -> Interval:
-    """``input * scale + shift`` with input-independent scale and shift (tensors or numbers)."""
+def _affine(input: Interval, value: Callable[[torch.Tensor], torch.Tensor], scale, shift) -> Interval:
+    """``input * scale + shift`` with input-independent scale and shift (tensors or numbers); ``value``
+    maps the clean value (called only where the Interval carries one)."""
     center = input.center * scale if scale is not None else input.center
     radius = input.radius * abs(scale) if scale is not None else input.radius
     if shift is not None:
         center = center + shift
+    value = value(input.value) if input.clean else center
     node = Node("affine", (input.node,), {"scale": scale, "shift": shift}, _rebatch(value.shape))
     return Interval.make(value, center, radius, node)
 
@@ -207,7 +238,7 @@ def normalise_channels(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, w
     view = (1, -1) + (1,) * (x.dim() - 2)
     scale, shift = scale.view(view), shift.view(view)
     if isinstance(x, Interval):
-        return _affine(x, x.value * scale + shift, scale, shift)
+        return _affine(x, lambda v: v * scale + shift, scale, shift)
     return x * scale + shift
 
 
@@ -230,7 +261,7 @@ def _relu(input, inplace=False):
     center = torch.where(active, input.center, half_upper)
     radius = torch.where(active, input.radius, half_upper)
     node = Node("relu", (input.node,), {"lower": lower, "upper": upper}, input.node.shape)
-    out = Interval.make(F.relu(input.value), center, radius, node)
+    out = Interval.make(F.relu(input.value) if input.clean else center, center, radius, node)
     input.relu_output = out
     return out
 
@@ -256,32 +287,32 @@ def _rsub(a, b, *, alpha=1):
 def _sum(a, b, sign: float):
     """``a + sign * b``."""
     if isinstance(a, Interval) and isinstance(b, Interval):
-        value = a.value + b.value if sign > 0 else a.value - b.value
+        if a.clean != b.clean:
+            raise UnsupportedModelError("interval bounds: a sum of a clean-valued and a box-only interval")
         center = a.center + b.center if sign > 0 else a.center - b.center
+        value = (a.value + b.value if sign > 0 else a.value - b.value) if a.clean else center
         node = Node("sum", (a.node, b.node), {"signs": (1.0, sign)}, _rebatch(value.shape))
         return Interval.make(value, center, a.radius + b.radius, node)
     if isinstance(a, Interval):
-        value = a.value + b if sign > 0 else a.value - b
-        return _affine(a, value, None, b if sign > 0 else -b)
-    value = a + b.value if sign > 0 else a - b.value
-    return _affine(b, value, sign if sign < 0 else None, a)
+        return _affine(a, lambda v: v + b if sign > 0 else v - b, None, b if sign > 0 else -b)
+    return _affine(b, lambda v: a + v if sign > 0 else a - v, sign if sign < 0 else None, a)
 
 
 def _mul(a, b):
     if isinstance(a, Interval) and isinstance(b, Interval):
         raise UnsupportedModelError("interval bounds: a product of two input-dependent values")
     box, factor = (a, b) if isinstance(a, Interval) else (b, a)
-    return _affine(box, box.value * factor, factor, None)
+    return _affine(box, lambda v: v * factor, factor, None)
 
 
 def _div(a, b):
     if not isinstance(a, Interval) or isinstance(b, Interval):
         raise UnsupportedModelError("interval bounds: division by an input-dependent value")
-    return _affine(a, a.value / b, 1.0 / b, None)
+    return _affine(a, lambda v: v / b, 1.0 / b, None)
 
 
 def _neg(a):
-    return _affine(a, -a.value, -1.0, None)
+    return _affine(a, torch.neg, -1.0, None)
 
 
 def _cat(tensors, dim=0):
@@ -293,12 +324,15 @@ def _cat(tensors, dim=0):
     for t in tensors:
         if isinstance(t, Interval):
             parts.append(t)
-        else:  # an input-independent block: a box of width zero, no parent
+        else:  # an input-independent block: a box of width zero, no parent (its value is its centre either way)
             zero = torch.zeros_like(t)
             parts.append(Interval.make(t, t, zero, Node("constant", (), {"value": t}, _rebatch(t.shape))))
-    value = torch.cat([p.value for p in parts], dim)
+    clean = {t.clean for t in tensors if isinstance(t, Interval)}
+    if len(clean) > 1:
+        raise UnsupportedModelError("interval bounds: concatenating clean-valued and box-only intervals")
     center = torch.cat([p.center for p in parts], dim)
     radius = torch.cat([p.radius for p in parts], dim)
+    value = torch.cat([p.value for p in parts], dim) if clean == {True} else center
     sizes = [p.value.shape[dim] for p in parts]
     node = Node("cat", tuple(p.node for p in parts), {"dim": dim % ndim, "sizes": sizes}, _rebatch(value.shape))
     return Interval.make(value, center, radius, node)
@@ -310,11 +344,11 @@ def _reshaping(name: str) -> Callable:
             raise UnsupportedModelError(f"interval bounds: {name} of an input-independent value by an interval")
         # a fused convolution's results are channel slices, not contiguous: view as reshape (a view where it can be)
         method = getattr(torch.Tensor, "reshape" if name == "view" else name)
-        value = method(input.value, *args, **kwargs)
-        if value.shape[0] != input.value.shape[0]:
-            raise UnsupportedModelError(f"interval bounds: {name} that changes the batch dimension")
         center = method(input.center, *args, **kwargs)
+        if center.shape[0] != input.center.shape[0]:
+            raise UnsupportedModelError(f"interval bounds: {name} that changes the batch dimension")
         radius = method(input.radius, *args, **kwargs)
+        value = method(input.value, *args, **kwargs) if input.clean else center
         if name == "contiguous":
             return Interval.make(value, center, radius, input.node)
         node = Node("reshape", (input.node,), {}, _rebatch(value.shape))
@@ -671,10 +705,10 @@ def _pair(value) -> Tuple[int, int]:
 
 @dataclass
 class MarginBounds:
-    """What one bound pass returns. logits: (B, K) clean logits (with graph); ibp: (B, K) lower bounds
-    on ``logit_y - logit_j`` (0 at j = y); crown_ibp: the same by CROWN-IBP, or None if not asked.
-    Where CROWN-IBP was computed only on some rows, the others hold the IBP bound."""
-    logits: torch.Tensor
+    """What one bound pass returns. logits: (B, K) clean logits (with graph; None without the clean pass);
+    ibp: (B, K) lower bounds on ``logit_y - logit_j`` (0 at j = y); crown_ibp: the same by CROWN-IBP, or
+    None if not asked. Where CROWN-IBP was computed only on some rows, the others hold the IBP bound."""
+    logits: Optional[torch.Tensor]
     ibp: torch.Tensor
     crown_ibp: Optional[torch.Tensor] = None
     auxiliary: Optional[torch.Tensor] = None
@@ -696,7 +730,8 @@ class MarginBounds:
 
 
 def interval_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Union[float, torch.Tensor], *,
-                     crown_ibp: bool = False, crown_rows: int = 0, forward: Optional[Callable] = None) -> MarginBounds:
+                     crown_ibp: bool = False, crown_rows: int = 0, forward: Optional[Callable] = None,
+                     clean: bool = True) -> MarginBounds:
     """Sound lower bounds on the margins ``logit_y - logit_j`` over the L-inf ball of radius eps
     around x (intersected with [0, 1]), together with the clean logits, in one forward pass.
 
@@ -707,24 +742,25 @@ def interval_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, e
     ``crown_rows`` classes with the lowest IBP margin per sample (the maximum of sound bounds is sound).
     forward: call the model through this (e.g. ``model.forward_with_aux``); it may return a tuple
     whose first item is the logits and second the auxiliary logits.
+    clean=False: bounds only, without the clean forward pass (no logits, no auxiliary logits; a third less
+    work; training-mode batch norm is refused); the bounds are the same.
     Every bound keeps its autograd graph.
     """
     if x.dim() < 2 or y.shape != (x.shape[0],):
         raise BoundInputError(f"x must be (B, ...) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if forward is None:
         model = sound_view(model, x)  # native pooling and the like, rewritten (verifiers.rewrite)
-    start = Interval.from_ball(x, eps)
+    start = Interval.from_ball(x, eps, clean)
     out = (forward or model)(start)
     auxiliary = None
     if isinstance(out, tuple):
         out, auxiliary = out[0], out[1]
         if isinstance(auxiliary, Interval):
-            auxiliary = auxiliary.value
+            auxiliary = auxiliary.value if clean else None
     if not isinstance(out, Interval):
         raise UnsupportedModelError("interval bounds: the model's output does not depend on its input")
-    logits = out.value
-    batch, classes = logits.shape
-    spec = _margin_spec(y, classes, logits.dtype)  # (B, K, K): row j is e_y - e_j
+    batch, classes = out.center.shape
+    spec = _margin_spec(y, classes, out.center.dtype)  # (B, K, K): row j is e_y - e_j
     source = getattr(out, "linear_input", None)
     if source is not None:  # fold the specification into the last linear layer (tighter, as auto_LiRPA does)
         weight, bias = out.node.data["weight"], out.node.data["bias"]
@@ -749,7 +785,7 @@ def interval_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, e
         bound = _backward(out.node, sub_spec)
         crown = ibp.scatter(1, rows, torch.maximum(bound, ibp.gather(1, rows)) if crown_rows else bound)
         crown = _zero_diagonal(crown, y)
-    return MarginBounds(logits, ibp, crown, auxiliary, start.radius, out.node)
+    return MarginBounds(out.value if clean else None, ibp, crown, auxiliary, start.radius, out.node)
 
 
 def interval_logit_bounds(model: torch.nn.Module, x: torch.Tensor, eps: Union[float, torch.Tensor], *,

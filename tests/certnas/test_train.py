@@ -191,3 +191,30 @@ def test_cnn_presets_and_lists_reach_the_trained_network(tmp_path):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [(4, (3, 3), (2, 2))]
     assert [m.out_features for m in linears] == [8, 10]
+
+
+def test_after_the_ramp_a_network_without_batch_norm_skips_the_clean_pass_with_the_same_loss():
+    """kappa 0 (the clean loss has weight 0): the cnn's step computes only the boxes (train_acc is NaN) and its
+    loss and gradients equal the robust loss of a bound pass with the clean value; batch norm keeps the pass."""
+    import math
+    import torch.nn.functional as F
+    from certnas.data import INFO
+    from certnas.train import Trainer, network_config, training_loss
+    from verifiers.interval import interval_margins
+    x, y = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    plan = {"eps": 0.05, "kappa": 0.0, "beta": 0.0, "progress": 1.0}
+    config = replace(TINY, network="cnn", cnn="c4k3s2,f8", mode="ibp")
+    model = Trainer(config, network_config(config, INFO["mnist-embedded"])).model.train()
+    loss, details = training_loss(model, x, y, plan, config)
+    assert math.isnan(details["train_acc"]) and math.isfinite(details["train_loss"])
+    reference = F.cross_entropy(-interval_margins(model, x, y, 0.05, clean=True).ibp, y)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    _, details = training_loss(model, x, y, {**plan, "kappa": 0.5}, config)
+    assert 0 <= details["train_acc"] <= 1  # a clean loss to compute: the pass stays
+    darts = replace(TINY, mode="ibp")
+    model = Trainer(darts, network_config(darts, INFO["mnist-embedded"])).model.train()
+    _, details = training_loss(model, x, y, plan, darts)  # training-mode batch norm needs the clean batch
+    assert 0 <= details["train_acc"] <= 1

@@ -9,7 +9,7 @@ import torch.nn as nn
 from tests.verifiers.nets import OPERATIONS, cell_net, op_net
 from tests.violation import max_violation, pgd_attack
 from verifiers import interval
-from verifiers.bounds import compute_bounds, margin_lower_bound, margin_specification
+from verifiers.bounds import compute_bounds, margin_lower_bound, margin_lower_bounds, margin_specification
 from verifiers import crown
 from verifiers.crown import CrownOptions, bounded_tape, linear_bound, merge_duplicates, trace
 from verifiers.errors import BoundInputError
@@ -306,3 +306,33 @@ def test_compute_bounds_on_the_tape_and_on_auto_lirpa_agree_on_a_cell():
         lirpa = compute_bounds(net, x, 0.03, method="crown", engine="lirpa")
     for ours, theirs in zip(tape, lirpa):
         assert ((ours - theirs).abs() <= 0.01 * (1 + theirs.abs())).all()
+
+
+@pytest.mark.parametrize("norm", NORMS, ids=["linf", "l2"])
+def test_a_per_channel_scale_convolution_is_bounded_as_the_affine_map_it_is(norm):
+    """A depthwise 1x1 convolution (input normalisation; here with negative scales too) is recorded as an affine
+    node: IBP / CROWN-IBP equal auto_LiRPA's convolution bounds, full CROWN is never looser and holds on sampled
+    and attacked points; a network whose first layers are all linear starts full CROWN's forward mode exact."""
+    torch.manual_seed(5)
+    scale = nn.Conv2d(3, 3, 1, groups=3)
+    with torch.no_grad():
+        scale.weight.copy_(torch.tensor([2.0, -0.5, 1.5]).view(3, 1, 1, 1))
+    net = nn.Sequential(scale, nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 6),
+                        nn.ReLU(), nn.Linear(6, 5)).eval()
+    x = _inputs(seed=6, channels=3)
+    eps = EPS[norm] / 4
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        if norm == math.inf:
+            bounds = interval.interval_margins(net, x, y, eps, crown_ibp=True)
+            tape = interval.Interval.from_ball(x, eps)
+            assert net[0](tape).node.kind == "affine"
+            for method, ours in (("ibp", bounds.ibp), ("crown-ibp", bounds.crown_ibp)):
+                theirs = margin_lower_bounds(net, x, y, eps, method=method, engine="lirpa")
+                assert torch.allclose(ours, theirs, atol=1e-5 * (1 + theirs.abs().max().item())), method
+        theirs = margin_lower_bound(net, x, y, eps, norm=norm, method="crown", engine="lirpa")
+        ours = margin_lower_bound(net, x, y, eps, norm=norm, method="crown", engine="tape")
+    assert (ours >= theirs - 1e-4 * (1 + theirs.abs())).all(), (ours, theirs)
+    lower, upper = _logit_bounds(net, x, eps, norm, CrownOptions(backsubstitution="all"))
+    violation = max_violation(net, x, eps, norm, lower, upper, samples=48, pgd_steps=25)
+    assert violation <= _tolerance(lower, upper)

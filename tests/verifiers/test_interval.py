@@ -178,3 +178,34 @@ def test_small_convolutions_are_fused_and_large_ones_are_not(monkeypatch):
         assert torch.allclose(out.value, F.conv2d(box.value, weight, bias, 1, 1), atol=1e-6)
         assert torch.allclose(out.center, F.conv2d(box.center, weight, bias, 1, 1), atol=1e-6)
         assert torch.allclose(out.radius, F.conv2d(box.radius, weight.abs(), None, 1, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "three-convolutions"])
+@pytest.mark.parametrize("op", list(OPERATIONS) + ["mixed"])
+def test_bounds_without_the_clean_pass_equal_those_with_it(op, fuse, monkeypatch):
+    """clean=False skips the clean value (certified training once the clean loss has weight 0): the same
+    IBP and CROWN-IBP bounds and gradients, no logits."""
+    import verifiers.interval as interval
+    monkeypatch.setattr(interval, "FUSE_LIMIT", 10 ** 9 if fuse else 0)
+    net = op_net(op, 2, seed=2).double()
+    x, y = _inputs().double(), torch.tensor([0, 3])
+    params = [p for p in net.parameters() if p.requires_grad]
+    results = []
+    for clean in (True, False):
+        bounds = interval_margins(net, x, y, EPS, crown_ibp=True, clean=clean)
+        grads = torch.autograd.grad(bounds.ibp.sum() + bounds.crown_ibp.sum(), params, allow_unused=True)
+        results.append((bounds, grads))
+    (with_clean, grads_a), (without, grads_b) = results
+    assert without.logits is None and with_clean.logits is not None
+    assert _relative(with_clean.ibp, without.ibp) < 1e-10 and _relative(with_clean.crown_ibp, without.crown_ibp) < 1e-10
+    assert all((a is None) == (b is None) and (a is None or _relative(a, b) < 1e-10) for a, b in zip(grads_a, grads_b))
+
+
+def test_training_mode_batch_norm_is_refused_without_the_clean_pass():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).train()
+    x, y = _inputs(), torch.tensor([0, 2])
+    assert interval_margins(net, x, y, EPS, clean=True).logits.shape == (2, 3)
+    with pytest.raises(UnsupportedModelError, match="batch norm"):
+        interval_margins(net, x, y, EPS, clean=False)
+    net.eval()  # running statistics: no clean value needed
+    assert torch.isfinite(interval_margins(net, x, y, EPS, clean=False).ibp).all()
