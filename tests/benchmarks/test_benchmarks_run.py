@@ -33,8 +33,12 @@ def test_bench_train_writes_a_record(tmp_path):
     bench_train.main(["--layers", "2", "--init-channels", "4", "--batch-size", "4", "--repeats", "1", "--warmup", "0",
                       "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert rows[0]["mode"] == "standard" and rows[0]["ratio"] == 1.0 and len(rows) == 7
+    assert [row["mode"] for row in rows] == list(bench_train.VARIANTS) and rows[0]["ratio"] == 1.0
     assert all(row["peak_MiB"] > 100 for row in rows)
+    bench_train.main(["--cnn", "c4k3s2,f8", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--no-memory",
+                      "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["settings"]["cnn"] == "c4k3s2,f8" and len(record["rows"]) == len(bench_train.VARIANTS)
 
 
 @pytest.mark.slow
