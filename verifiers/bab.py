@@ -155,6 +155,17 @@ def _root_positions(tape: Tape) -> List[torch.Tensor]:
     return cached
 
 
+def _ancestors(node) -> set:
+    """Every node ``node`` is computed from (itself excluded)."""
+    seen, stack = set(), list(node.parents)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.parents)
+    return seen
+
+
 def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_bytes: int = 2 ** 28) -> int:
     """alpha-CROWN on the tape's pre-activation bounds: each ReLU layer after the first, in order, its
     unstable neurons' lower and upper bounds back-substituted with the lower slopes of the ReLUs before it
@@ -166,10 +177,12 @@ def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_
     widest = max(math.prod(n.shape) for n in tape.nodes)
     stabilised = 0
     for k, node in enumerate(tape.relus):
-        earlier = tape.relus[:k]
+        parent = node.parents[0]
+        # the ReLUs before it that it depends on (a cell's parallel branches: not every earlier one)
+        sources = _ancestors(parent)
+        earlier = [e for e in tape.relus[:k] if e in sources]
         if not earlier or time.perf_counter() > deadline:
             continue
-        parent = node.parents[0]
         flat_l = node.data["lower"].reshape(1, -1).clone()
         flat_u = node.data["upper"].reshape(1, -1).clone()
         index = ((flat_l < 0) & (flat_u > 0))[0].nonzero().flatten()

@@ -254,3 +254,25 @@ def test_bad_options_are_refused():
         BabOptions(batch=0)
     with pytest.raises(BoundInputError, match="branching"):
         BabOptions(branching="random")
+
+
+def test_tightening_a_cell_with_parallel_branches_optimises_only_the_relus_a_layer_depends_on():
+    """In a cell, an earlier ReLU may lie on a parallel branch: the layer's bound does not depend on its slopes
+    (autograd refused them before). Tightening runs, only narrows the bounds, and branch and bound's verdict on
+    the cell agrees with sampled points."""
+    from tests.verifiers.nets import cell_net
+    from verifiers.verify import bab_sample
+    net = cell_net(seed=3)
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    lower, upper = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    tape = bounded_tape(net, x, Perturbation.input_box(lower, upper))
+    before = [(n.data["lower"].clone(), n.data["upper"].clone()) for n in tape.relus]
+    tighten_relu_bounds(tape, 5, 0.1, math.inf)
+    for (l0, u0), node in zip(before, tape.relus):
+        assert (node.data["lower"] >= l0 - 1e-6).all() and (node.data["upper"] <= u0 + 1e-6).all()
+    label = int(net(x).argmax(1))
+    result = bab_sample(net, x, label, 0.02, 20.0)
+    points = ((x - 0.02) + 0.04 * torch.rand(2000, 1, 8, 8, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    with torch.no_grad():
+        wrong = bool((net(points).argmax(1) != label).any())
+    assert result.verdict in ("unsat", "sat", "timeout") and not (result.verdict == "unsat" and wrong)
