@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import environment, interleaved_medians, print_table, write_json
 from certnas.data import INFO
-from certnas.train import Trainer, TrainConfig, certified_margins, network_config
+from certnas.config import ConfigError
+from certnas.train import Trainer, TrainConfig, certified_margins, cnn_layers, network_config
 
 FULL = {"eps": 0.1, "kappa": 0.0, "beta": 0.0, "progress": 1.0}
 VARIANTS = {
@@ -123,6 +124,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="Skip the per-mode peak-memory processes.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_train.json")
     args = parser.parse_args(argv)
+    if args.cnn:
+        try:
+            cnn_layers(args.cnn)
+        except ConfigError as error:
+            parser.error(str(error))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     base = TrainConfig(layers=args.layers, init_channels=args.init_channels, batch_size=args.batch_size,
