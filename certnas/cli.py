@@ -143,20 +143,30 @@ def _read_settings(path: Path) -> dict:
     return values
 
 
-def settings_file_option(func):
-    """``--config FILE``: option values from a JSON / YAML file (keys are option names, ``-`` or ``_``).
+def settings_file_option(func=None, *, recipes: bool = False):
+    """``--config FILE``: option values from a JSON / YAML file (keys are option names, ``-`` or ``_``), or
+    with ``recipes`` a named recipe of :mod:`certnas.recipes` where no such file exists.
     Precedence: defaults < the file < flags given on the command line; unknown keys are refused with
     the closest option name."""
+    if func is None:
+        return functools.partial(settings_file_option, recipes=recipes)
+
     @functools.wraps(func)
     def wrapper(*args, config_file=None, **kwargs):
         if config_file is not None:
             import difflib
             from click.core import ParameterSource
             from certnas.config import ConfigError
+            from certnas.recipes import RECIPES, recipe_settings
             ctx = click.get_current_context()
             options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config_file"}
             try:
-                for key, raw in _read_settings(config_file).items():
+                named = recipes and not Path(config_file).exists()
+                if named and str(config_file) not in RECIPES:
+                    raise ConfigError(f"--config {config_file}: no such file, nor a named recipe "
+                                      f"({', '.join(RECIPES)})")
+                values = recipe_settings(str(config_file)) if named else _read_settings(config_file)
+                for key, raw in values.items():
                     name = str(key).strip().lstrip("-").replace("-", "_")
                     if name not in options:
                         close = difflib.get_close_matches(name, list(options), n=1)
@@ -173,8 +183,13 @@ def settings_file_option(func):
                 click.echo(f"certnas: error: {error}", err=True)
                 sys.exit(2)
         return func(*args, **kwargs)
+    text = "JSON or YAML file of option values (defaults < file < flags given here)."
+    if recipes:
+        from certnas.recipes import RECIPES
+        text = (text[:-1] + ", or a named recipe in its place: " + ", ".join(RECIPES)
+                + " (full-MNIST settings of committed results; docs/training.md).")
     return click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help="JSON or YAML file of option values (defaults < file < flags given here).")(wrapper)
+                        help=text)(wrapper)
 
 
 def _fail_cleanly(func):
@@ -304,7 +319,7 @@ def search(ctx, metric, out, resume, force, **settings):
 @main.command()
 @config_options(TrainConfig)
 @run_folder_options("runs/train", "Output folder (model.pt, history.csv, summary.json, checkpoint.pt).")
-@settings_file_option
+@settings_file_option(recipes=True)
 @click.pass_context
 @_fail_cleanly
 def train(ctx, out, resume, force, **settings):

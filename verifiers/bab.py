@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from verifiers.crown import CrownOptions, Tape, _backward_bounds, bounded_tape, neuron_spec, projected_step
 from verifiers.errors import BoundInputError
-from verifiers.interval import ReluRelaxation, back_substitute
+from verifiers.interval import ReluRelaxation, ancestors, back_substitute
 from verifiers.perturbation import Perturbation
 
 # (ReLU layer, flat neuron index, +1 for z >= 0 / -1 for z <= 0)
@@ -155,17 +155,6 @@ def _root_positions(tape: Tape) -> List[torch.Tensor]:
     return cached
 
 
-def _ancestors(node) -> set:
-    """Every node ``node`` is computed from (itself excluded)."""
-    seen, stack = set(), list(node.parents)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.parents)
-    return seen
-
-
 def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_bytes: int = 2 ** 28) -> int:
     """alpha-CROWN on the tape's pre-activation bounds: each ReLU layer after the first, in order, its
     unstable neurons' lower and upper bounds back-substituted with the lower slopes of the ReLUs before it
@@ -179,7 +168,7 @@ def tighten_relu_bounds(tape: Tape, steps: int, lr: float, deadline: float, row_
     for k, node in enumerate(tape.relus):
         parent = node.parents[0]
         # the ReLUs before it that it depends on (a cell's parallel branches: not every earlier one)
-        sources = _ancestors(parent)
+        sources = ancestors(parent)
         earlier = [e for e in tape.relus[:k] if e in sources]
         if not earlier or time.perf_counter() > deadline:
             continue

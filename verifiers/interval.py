@@ -50,6 +50,17 @@ class Node:
         self.order = next(_ids)
 
 
+def ancestors(node: Node) -> set:
+    """Every node ``node`` is computed from (itself excluded)."""
+    seen, stack = set(), list(node.parents)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.parents)
+    return seen
+
+
 class Interval(torch.Tensor):
     """A tensor holding the clean value, with ``center`` / ``radius`` (the IBP box, same shape) and
     ``node`` (the operation that produced it). Made by :func:`Interval.from_ball`; every supported
@@ -717,15 +728,9 @@ class MarginBounds:
 
     def relu_inputs(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """IBP bounds ``(lower, upper)`` of every ReLU's input, each (B, *shape), in forward order."""
-        seen, stack, found = set(), [self.output_node], []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.kind == "relu":
-                found.append(node)
-            stack.extend(node.parents)
+        if self.output_node is None:
+            return []
+        found = [n for n in ancestors(self.output_node) | {self.output_node} if n.kind == "relu"]
         return [(n.data["lower"], n.data["upper"]) for n in sorted(found, key=lambda n: n.order)]
 
 

@@ -225,6 +225,42 @@ def test_bad_config_files_are_one_line_and_exit_code_2(tmp_path, text, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_named_recipe_reaches_the_training_and_flags_still_win(tmp_path):
+    from tests.certnas.datafiles import write_mnist
+    root = write_mnist(tmp_path / "data", train=40, test=20)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["-q", "train", "--config", "mnist-ibp-0.1", "--data-root", str(root),
+                                       "--epochs", "1", "--batch-size", "20", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "config.json").read_text())
+    assert written["epochs"] == 1 and written["batch_size"] == 20          # flags win over the recipe
+    assert (written["data"], written["network"], written["cnn"], written["mode"], written["eps"],
+            written["eps_train"]) == ("mnist", "cnn", "small", "ibp", 0.1, 0.2)  # the recipe over defaults
+    from certnas.io import load_model_with_meta
+    _, meta = load_model_with_meta(out / "model.pt")
+    assert meta["network"]["kind"] == "cnn" and meta["training"]["eps_train"] == 0.2
+
+
+@pytest.mark.parametrize("name", ["mnist-ibp-0.1", "mnist-crown-ibp-0.3"])
+def test_every_named_recipe_holds_valid_train_settings(name):
+    from certnas.recipes import RECIPES, recipe_settings
+    assert name in RECIPES
+    command = main.commands["train"]
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    ctx = click.Context(command)
+    for key, value in recipe_settings(name).items():
+        options[key.replace("-", "_")].type_cast_value(ctx, value)   # KeyError / BadParameter when stale
+
+
+def test_an_unknown_recipe_name_is_one_line_naming_the_recipes(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "mnist-ibp-9", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "no such file, nor a named recipe" in result.stderr and "mnist-ibp-0.1" in result.stderr
+    assert not (tmp_path / "run").exists()
+    verify = CliRunner().invoke(main, ["verify", "model.pt", "--config", "mnist-ibp-0.1"])
+    assert verify.exit_code == 2 and "cannot read" in verify.stderr      # recipes are train settings only
+
+
 def test_the_option_reference_in_docs_is_current():
     """docs/cli.md is generated from the option declarations: regenerate it (python -m certnas.cli_reference
     --write) when an option changes."""

@@ -209,3 +209,28 @@ def test_training_mode_batch_norm_is_refused_without_the_clean_pass():
         interval_margins(net, x, y, EPS, clean=False)
     net.eval()  # running statistics: no clean value needed
     assert torch.isfinite(interval_margins(net, x, y, EPS, clean=False).ibp).all()
+
+
+def test_relu_inputs_are_every_relu_input_in_forward_order_and_contain_the_clean_input():
+    """On a cell with parallel branches and a max-pool (a tree of ReLUs): one (lower, upper) per ReLU the network
+    calls, in the order it calls them (recorded by a torch function mode, not by the engine), each of that
+    input's shape and containing its clean value."""
+    from torch.overrides import TorchFunctionMode
+    from tests.verifiers.nets import cell_net
+    seen = []
+
+    class RecordRelu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.relu, F.relu):
+                seen.append(args[0].detach().clone())
+            return func(*args, **(kwargs or {}))
+
+    net = cell_net(seed=2)
+    x, y = _inputs(seed=4), torch.tensor([1, 2])
+    with torch.no_grad(), RecordRelu():
+        net(x)
+    found = interval_margins(net, x, y, EPS).relu_inputs()
+    assert len(seen) >= 5 and len(found) == len(seen)
+    for (lower, upper), clean in zip(found, seen):
+        assert lower.shape == clean.shape
+        assert (lower <= clean + 1e-5).all() and (clean <= upper + 1e-5).all() and (lower < upper).any()
