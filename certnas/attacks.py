@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -54,7 +54,8 @@ class PGD:
     ``steps=1, random_start=False, step_size=eps`` is FGSM. seed: None draws the random starts from
     torch's global generator; an int draws each sample's from its own generator, seeded by the seed and
     the sample's pixels, so an attack's result on a sample does not depend on the batch it is in
-    (verification split over processes merges exactly).
+    (verification split over processes merges exactly). batch_size: samples attacked at once (0: all);
+    with a seed the result does not depend on it (up to rounding).
     """
     model: nn.Module
     eps: Union[float, torch.Tensor]
@@ -65,6 +66,7 @@ class PGD:
     random_start: bool = True
     loss: str = "ce"
     seed: Optional[int] = None
+    batch_size: int = 0
 
     def __post_init__(self):
         self.norm = parse_norm(self.norm)
@@ -74,6 +76,10 @@ class PGD:
         eps = torch.as_tensor(self.eps, device=x.device, dtype=x.dtype).expand(x.shape[0]).clone()
         step_size = 2.5 * eps / max(self.steps, 1) if self.step_size is None else \
             torch.as_tensor(self.step_size, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        if 0 < self.batch_size < x.shape[0]:
+            return torch.cat([replace(self, eps=eps[i:i + self.batch_size], step_size=step_size[i:i + self.batch_size],
+                                      batch_size=0)(x[i:i + self.batch_size], y[i:i + self.batch_size])
+                              for i in range(0, x.shape[0], self.batch_size)])
         best = x.detach().clone()
         best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
         was_training = self.model.training

@@ -72,3 +72,27 @@ def test_seeded_random_starts_do_not_depend_on_the_batch(norm):
     assert torch.allclose(whole[[5, 0]], attack(x[[5, 0]], y[[5, 0]]), atol=1e-6)
     assert not torch.allclose(whole, PGD(model, eps, norm, steps=1, step_size=1e-9, restarts=2, seed=4)(x, y))
     assert ((whole - x).flatten(1).norm(p=norm, dim=1) <= eps + 1e-6).all()
+
+
+def test_a_batch_size_attacks_in_chunks_with_the_result_of_one_batch():
+    """Per-sample eps and seeds: chunks of 3 give what one batch of 8 gives (float64), and no forward pass
+    sees more than 3 samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 5)).double()
+    widest = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            widest.append(x.shape[0])
+            return self.inner(x)
+
+    x, y = torch.rand(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    eps = torch.linspace(0.02, 0.2, 8, dtype=torch.float64)
+    whole = PGD(model, eps, steps=5, restarts=2, seed=1)(x, y)
+    chunked = PGD(Counting(), eps, steps=5, restarts=2, seed=1, batch_size=3)(x, y)
+    assert max(widest) == 3 and torch.allclose(whole, chunked, atol=1e-12)
+    assert ((chunked - x).abs().flatten(1).max(1).values <= eps + 1e-12).all()

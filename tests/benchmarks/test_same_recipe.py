@@ -1,0 +1,42 @@
+"""benchmarks.same_recipe: every network trained by the same recipe, verified, summarised; a rerun resumes."""
+import csv
+
+import pytest
+
+from benchmarks import same_recipe
+from tests.certnas.datafiles import write_mnist
+
+
+@pytest.mark.slow
+def test_same_recipe_trains_verifies_and_summarises_each_network_and_a_rerun_keeps_finished_stages(tmp_path):
+    root = write_mnist(tmp_path / "data", train=40, test=20)
+    out = tmp_path / "out"
+    argv = ["--data-root", str(root), "--networks", "cnn,dsrna-cb", "--seeds", "0", "--n", "8",
+            "--train-args", "--epochs 1 --batch-size 20 --init-channels 4", "--out", str(out)]
+    rows = same_recipe.main(argv)
+    assert [(r["network"], r["seed"]) for r in rows] == [("cnn", 0), ("dsrna-cb", 0), ("cnn", "mean of 1"),
+                                                         ("dsrna-cb", "mean of 1")]
+    for row in rows[:2]:
+        assert 0 <= row["verified"] <= row["pgd"] <= row["clean"]            # certified digits are attack-proof
+        assert max(row["ibp"], row["crown_ibp"]) <= row["verified"]
+    import json
+    settings = json.loads((out / "cnn-seed0" / "train" / "config.json").read_text())
+    assert settings["mode"] == "ibp" and settings["train_limit"] == 10000 and settings["epochs"] == 1
+    searched = json.loads((out / "dsrna-cb-seed0" / "train" / "summary.json").read_text())["network"]["genotype"]
+    assert searched["normal"] == json.loads(same_recipe.GENOTYPE.read_text())["normal"]
+    model = out / "cnn-seed0" / "train" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    (out / "dsrna-cb-seed0" / "verify-0.1" / "verify.json").unlink()        # an interrupted verify
+    again = same_recipe.main(argv)
+    assert model.stat().st_mtime_ns == stamp and again[0] == rows[0]          # nothing retrained
+    assert (out / "dsrna-cb-seed0" / "verify-0.1" / "verify.json").exists() and again[1]["network"] == "dsrna-cb"
+    with open(out / "same_recipe.csv") as stream:
+        assert len(list(csv.DictReader(stream))) == 4
+    assert "| cnn | 0 |" in (out / "same_recipe.md").read_text()
+
+
+def test_same_recipe_refuses_unknown_networks_and_seeds(capsys):
+    for argv, message in ((["--networks", "vgg"], "unknown network 'vgg'"), (["--seeds", "a"], "expected integers")):
+        with pytest.raises(SystemExit) as stop:
+            same_recipe.main(argv + ["--summarise"])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
