@@ -152,3 +152,37 @@ def test_every_declared_choice_is_checked_from_its_declaration(cls_path):
         config = dataclasses.replace(cls(), **{field.name: bad})
         with pytest.raises(ConfigError, match=f"unknown {field.name.replace('_', ' ')} 'no-such-choice'; known: "):
             config.validate()
+
+
+def test_the_guard_attack_is_run_once_per_sample_and_eps_and_a_planted_break_is_still_caught(models):
+    """verify attacks every digit first and each bound method's guard attacks its certified digits again: the
+    second attack is the first one's result (forward passes counted), a new eps attacks again, and a method
+    certifying a digit the attack breaks still raises SoundnessError."""
+    import torch
+    import torch.nn as nn
+    from certnas.io import load_model
+    from certnas.verify_run import falsifier_for
+    from verifiers.verify import SoundnessError, guard
+    model = load_model(models["mlp"])
+    calls = []
+
+    class Counting(nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return model(x)
+
+    attack = falsifier_for(Counting(), VerifyConfig(eps=0.3, pgd_steps=5, batch_size=8))
+    x, y = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(12) % 10
+    eps = torch.full((12,), 0.3)
+    first = attack(x, y, eps)
+    runs = len(calls)
+    assert runs > 0 and max(calls) <= 8
+    again = attack(x[[3, 1, 7]], y[[3, 1, 7]], eps[[3, 1, 7]])
+    assert len(calls) == runs and torch.equal(again, first[[3, 1, 7]])          # no attack ran
+    attack(x[:2], y[:2], torch.full((2,), 0.2))
+    assert len(calls) > runs                                                     # another eps is attacked
+    with torch.no_grad():
+        broken = model(first).argmax(1) != y
+    assert bool(broken.any())                            # eps 0.3 breaks random pixels with arbitrary labels
+    with pytest.raises(SoundnessError):
+        guard(model, x, y, eps, broken, "ibp", list(range(12)), attack)          # a planted false certificate
