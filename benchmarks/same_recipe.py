@@ -5,8 +5,9 @@
     python -m benchmarks.same_recipe --out benchmarks/results/full-mnist/same-recipe --summarise
 
 Every network is trained by ``certnas train`` with the same settings (``RECIPE``: certnas' IBP defaults, 20
-epochs with eps ramped to 0.1 over 10, on 10,000 fresh training digits per epoch) and verified by ``certnas
-verify --method ibp,crown-ibp`` on every test digit (PGD-50 before the bounds). Each stage runs as its own
+epochs with eps ramped to ``--eps`` over 10, on 10,000 fresh training digits per epoch) and verified at that eps by
+``certnas verify --method ibp,crown-ibp`` on every test digit (PGD-50 before the bounds). One ``--out`` folder
+holds one eps (a folder trained at another eps is refused). Each stage runs as its own
 ``certnas`` process; a finished stage is kept, so an interrupted run resumes by rerunning the command. The
 summary (``same_recipe.csv`` / ``.md``) has one row per network and seed and a mean row per network.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import statistics
 import subprocess
@@ -48,9 +50,12 @@ def run_stage(out: Path, name: str, seed: int, data: List[str], genotype: Path, 
     folder = out / f"{name}-seed{seed}"
     train, verify = folder / "train", folder / f"verify-{eps:g}"
     args = [a.replace("{genotype}", str(genotype)) for a in NETWORKS[name][1]]
+    trained_at = json.loads((train / "config.json").read_text())["eps"] if (train / "config.json").exists() else eps
+    if trained_at != eps:
+        raise ValueError(f"{train} was trained at eps {trained_at:g}, not {eps:g}: use another --out")
     if not (train / "summary.json").exists():
         resume = ["--resume"] if (train / "checkpoint.pt").exists() else []
-        _certnas("train", *data, *args, *RECIPE, *extra, "--seed", str(seed), "--out", str(train), *resume)
+        _certnas("train", *data, *args, *RECIPE, "--eps", f"{eps:g}", *extra, "--seed", str(seed), "--out", str(train), *resume)
     if not (verify / "verify.json").exists():
         shutil.rmtree(verify, ignore_errors=True)  # an interrupted verify starts again
         seconds = _certnas("verify", str(train / "model.pt"), *data, "--eps", f"{eps:g}", "--n", str(n),
@@ -59,7 +64,6 @@ def run_stage(out: Path, name: str, seed: int, data: List[str], genotype: Path, 
 
 
 def _row(folder: Path, eps: float) -> Optional[dict]:
-    import json
     summary, verify = folder / "train" / "summary.json", folder / f"verify-{eps:g}" / "verify.csv"
     if not (summary.exists() and verify.exists()):
         return None
@@ -107,7 +111,7 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated, of: " + ", ".join(NETWORKS))
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--genotype", type=Path, default=GENOTYPE, help="the searched cell's genotype.json")
-    parser.add_argument("--eps", type=float, default=0.1, help="L-inf eps verified (the recipe trains at 0.1)")
+    parser.add_argument("--eps", type=float, default=0.1, help="L-inf eps trained at and verified (default 0.1)")
     parser.add_argument("--n", type=int, default=0, help="test digits verified (0: all)")
     parser.add_argument("--train-args", default="", help="extra certnas train flags, space-separated (small runs)")
     parser.add_argument("--out", type=Path, default=Path("runs/same-recipe"))
@@ -134,9 +138,11 @@ def main(argv=None) -> List[dict]:
                 for name in names:
                     run_stage(args.out, name, seed, data, args.genotype, args.eps, args.n, args.train_args.split())
         except subprocess.CalledProcessError as error:  # certnas said why on stderr
-            print(f"same_recipe: certnas {error.cmd[4]} stopped (exit {error.returncode}); rerun to resume",
-                  file=sys.stderr)
+            hint = "it refused its input" if error.returncode == 2 else "rerun to resume"
+            print(f"same_recipe: certnas {error.cmd[4]} stopped (exit {error.returncode}); {hint}", file=sys.stderr)
             sys.exit(error.returncode)
+        except ValueError as error:
+            parser.error(str(error))
     return summarise(args.out, args.eps)
 
 

@@ -166,6 +166,9 @@ def settings_file_option(func=None, *, recipes: bool = False):
                     raise ConfigError(f"--config {config_file}: no such file, nor a named recipe "
                                       f"({', '.join(RECIPES)})")
                 values = recipe_settings(str(config_file)) if named else _read_settings(config_file)
+                if named and not (ctx.find_root().obj or {}).get("quiet"):
+                    click.echo(f"certnas: recipe {config_file}, the settings of {RECIPES[str(config_file)].result}",
+                               err=True)
                 for key, raw in values.items():
                     name = str(key).strip().lstrip("-").replace("-", "_")
                     if name not in options:

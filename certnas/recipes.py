@@ -1,7 +1,8 @@
 """Named training recipes: the settings behind committed full-MNIST results, for ``certnas train --config NAME``.
 
 A recipe is a mapping of ``certnas train`` option names to values, read where a ``--config`` file would be
-(defaults < recipe < flags given on the command line). Each names the committed result it reproduces;
+(defaults < recipe < flags given on the command line). Each names the committed result it reproduces (train
+prints it unless ``-q``);
 ``--data-root`` is still the user's (the recipes train on ``--data mnist``, see ``certnas data mnist``).
 """
 from __future__ import annotations

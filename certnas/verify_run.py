@@ -88,13 +88,14 @@ class VerifyConfig:
         return 0.5 if parse_norm(self.norm) == math.inf else 5.0
 
 
-def falsifier_for(model, config: VerifyConfig):
+def falsifier_for(model, config: VerifyConfig, *, remember: bool = True):
     """The guard's attack: PGD with per-sample eps, ``pgd_steps`` steps, ``pgd_restarts`` restarts, and
     random starts seeded per sample (the same result on a sample whatever batch or shard it is in), attacked
     ``batch_size`` samples at a time (all 10,000 MNIST test digits at once took 10 GB for a DARTS network).
-    Being deterministic per (pixels, label, eps), each result is kept: the guard of every bound method then
-    reuses the attack verify ran first on every sample instead of repeating it (three PGD-50 passes over the
-    10,000 digits for two methods before)."""
+    Being deterministic per (pixels, label, eps), with ``remember`` each result is kept: the guard of every
+    bound method then reuses the attack verify ran first on every sample at the eps verified instead of
+    repeating it (three PGD-50 passes over the 10,000 digits for two methods before). Without it nothing is
+    kept (for the radius search, whose eps differ per sample and step: a kept result would never be reused)."""
     import hashlib
     norm = parse_norm(config.norm)
     done: Dict[Tuple[bytes, int, float], torch.Tensor] = {}
@@ -103,14 +104,18 @@ def falsifier_for(model, config: VerifyConfig):
         pixels = x.detach().cpu().contiguous().numpy().tobytes()
         return hashlib.blake2b(pixels, digest_size=16).digest(), int(y), float(eps)
 
+    def run(x, y, eps):
+        return PGD(model, eps, norm, steps=config.pgd_steps, restarts=config.pgd_restarts, seed=config.seed,
+                   batch_size=config.batch_size)(x, y)
+
     def attack(x, y, eps):
         eps = torch.as_tensor(eps, device=x.device, dtype=x.dtype).expand(len(x))
+        if not remember:
+            return run(x, y, eps) if len(x) else x.clone()
         keys = [key(x[i], y[i], eps[i]) for i in range(len(x))]
         todo = [i for i, k in enumerate(keys) if k not in done]
         if todo:
-            found = PGD(model, eps[todo], norm, steps=config.pgd_steps, restarts=config.pgd_restarts, seed=config.seed,
-                        batch_size=config.batch_size)(x[todo], y[todo])
-            done.update((keys[i], adversarial) for i, adversarial in zip(todo, found))
+            done.update(zip((keys[i] for i in todo), run(x[todo], y[todo], eps[todo])))
         return torch.stack([done[k] for k in keys]) if keys else x.clone()
     return attack
 
@@ -214,10 +219,11 @@ def _verify_part(config: VerifyConfig, evaluation, positions: List[int], *, quie
             rows += [{**r.row(), "mode": "eps"} for r in results]
         if config.radius and len(x):
             radius_methods = [m for m in methods if m not in skipped and m != "bab"]  # bab decides at one eps
-            upper = attack_radius(model, x, y, falsifier, eps_max=config.eps_max, steps=config.radius_steps)
+            searching = falsifier_for(model, config, remember=False)  # per-sample eps: nothing to reuse
+            upper = attack_radius(model, x, y, searching, eps_max=config.eps_max, steps=config.radius_steps)
             found = radii(model, x, y, norm=config.norm, methods=radius_methods, eps_max=config.eps_max,
                           steps=config.radius_steps, eps_min=config.radius_min, progress=bar.update,
-                          attack_upper=upper, **common)
+                          attack_upper=upper, **{**common, "falsifier": searching})
             rows += [{**r.row(), "mode": "radius"} for r in found]
             prediction = predict(model, x).tolist()
             for i, value in enumerate(upper.tolist()):

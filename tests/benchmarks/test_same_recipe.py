@@ -22,6 +22,7 @@ def test_same_recipe_trains_verifies_and_summarises_each_network_and_a_rerun_kee
     import json
     settings = json.loads((out / "cnn-seed0" / "train" / "config.json").read_text())
     assert settings["mode"] == "ibp" and settings["train_limit"] == 10000 and settings["epochs"] == 1
+    assert settings["eps"] == settings["eps_train"] == 0.1                          # trained at the eps verified
     searched = json.loads((out / "dsrna-cb-seed0" / "train" / "summary.json").read_text())["network"]["genotype"]
     assert searched["normal"] == json.loads(same_recipe.GENOTYPE.read_text())["normal"]
     model = out / "cnn-seed0" / "train" / "model.pt"
@@ -40,3 +41,17 @@ def test_same_recipe_refuses_unknown_networks_and_seeds(capsys):
         with pytest.raises(SystemExit) as stop:
             same_recipe.main(argv + ["--summarise"])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_same_recipe_refuses_a_folder_trained_at_another_eps_and_says_when_certnas_refused_its_input(tmp_path, capfd):
+    import json
+    train = tmp_path / "cnn-seed0" / "train"
+    train.mkdir(parents=True)
+    (train / "config.json").write_text(json.dumps({"eps": 0.1}))
+    with pytest.raises(SystemExit) as stop:
+        same_recipe.main(["--networks", "cnn", "--eps", "0.3", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "was trained at eps 0.1, not 0.3: use another --out" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        same_recipe.main(["--networks", "cnn", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "b")])
+    err = capfd.readouterr().err
+    assert stop.value.code == 2 and "it refused its input" in err and "resume" not in err

@@ -229,9 +229,10 @@ def test_a_named_recipe_reaches_the_training_and_flags_still_win(tmp_path):
     from tests.certnas.datafiles import write_mnist
     root = write_mnist(tmp_path / "data", train=40, test=20)
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["-q", "train", "--config", "mnist-ibp-0.1", "--data-root", str(root),
+    result = CliRunner().invoke(main, ["train", "--config", "mnist-ibp-0.1", "--data-root", str(root),
                                        "--epochs", "1", "--batch-size", "20", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "recipe mnist-ibp-0.1, the settings of 94.69% IBP-verified" in result.stderr   # what it reproduces
     written = json.loads((out / "config.json").read_text())
     assert written["epochs"] == 1 and written["batch_size"] == 20          # flags win over the recipe
     assert (written["data"], written["network"], written["cnn"], written["mode"], written["eps"],

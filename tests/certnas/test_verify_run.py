@@ -157,7 +157,7 @@ def test_every_declared_choice_is_checked_from_its_declaration(cls_path):
 def test_the_guard_attack_is_run_once_per_sample_and_eps_and_a_planted_break_is_still_caught(models):
     """verify attacks every digit first and each bound method's guard attacks its certified digits again: the
     second attack is the first one's result (forward passes counted), a new eps attacks again, and a method
-    certifying a digit the attack breaks still raises SoundnessError."""
+    certifying a digit the attack breaks still raises SoundnessError. The radius search's attack keeps nothing."""
     import torch
     import torch.nn as nn
     from certnas.io import load_model
@@ -186,3 +186,10 @@ def test_the_guard_attack_is_run_once_per_sample_and_eps_and_a_planted_break_is_
     assert bool(broken.any())                            # eps 0.3 breaks random pixels with arbitrary labels
     with pytest.raises(SoundnessError):
         guard(model, x, y, eps, broken, "ibp", list(range(12)), attack)          # a planted false certificate
+    forgetful = falsifier_for(Counting(), VerifyConfig(eps=0.3, pgd_steps=5, batch_size=8), remember=False)
+    before = len(calls)
+    once = forgetful(x[:4], y[:4], eps[:4])
+    between = len(calls)
+    twice = forgetful(x[:4], y[:4], eps[:4])
+    assert between > before and len(calls) - between == between - before      # attacked again, nothing kept
+    assert torch.equal(once, twice)                                              # the same seeded attack
