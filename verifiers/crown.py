@@ -240,12 +240,6 @@ def _shaped(value, shape_rank: int) -> torch.Tensor:
     return factor
 
 
-def _signed(value, shape_rank: int):
-    """A constant factor as (positive part, negative part), each shaped to broadcast over (B, *shape)."""
-    factor = _shaped(value, shape_rank)
-    return factor.clamp(min=0), factor.clamp(max=0)
-
-
 def _with_input_axis(factor: torch.Tensor) -> torch.Tensor:
     return factor.unsqueeze(1) if factor.dim() > 0 else factor
 
@@ -257,85 +251,76 @@ def _exact(state: State) -> bool:
 
 
 def _forward_step(node: Node, states: Dict[Node, State], batch: int, size: int) -> State:
-    """The forward-mode bounds of a linear node from its parents' (every kind but relu and input)."""
+    """The forward-mode bounds of a linear node from its parents' (every kind but relu and input): the node's map
+    (``_linear_map``) of each bound, where a negative coefficient (a subtrahend, a negative scale or weight) takes
+    the other bound."""
     kind, data = node.kind, node.data
-    if kind != "constant" and all(_exact(states[p]) for p in node.parents):
-        weights, biases = _exact_step(node, [states[p] for p in node.parents], batch, size)
-        return weights, biases, weights, biases
     if kind == "constant":
         value = data["value"].expand(batch, *node.shape)
         zero = value.new_zeros(batch, size, *node.shape)
         return zero, value, zero, value
-    if kind == "sum":
-        a, b = states[node.parents[0]], states[node.parents[1]]
-        if data["signs"][1] > 0:
-            return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
-        return a[0] - b[2], a[1] - b[3], a[2] - b[0], a[3] - b[1]
-    if kind == "cat":
-        dim = data["dim"]
-        parts = [states[p] for p in node.parents]
-        return tuple(torch.cat([p[i] for p in parts], dim + (1 if i % 2 == 0 else 0)) for i in range(4))
-    Lw, Lb, Uw, Ub = states[node.parents[0]]
-    if kind == "reshape":
-        return (Lw.reshape(batch, size, *node.shape), Lb.reshape(batch, *node.shape),
-                Uw.reshape(batch, size, *node.shape), Ub.reshape(batch, *node.shape))
-    if kind == "affine":
-        scale, shift = data["scale"], data["shift"]
-        if scale is not None:
-            positive, negative = _signed(scale, len(node.shape))
-            positive, negative = positive.to(Lb), negative.to(Lb)
-            Lw, Uw = Lw * _with_input_axis(positive) + Uw * _with_input_axis(negative), \
-                Uw * _with_input_axis(positive) + Lw * _with_input_axis(negative)
-            Lb, Ub = Lb * positive + Ub * negative, Ub * positive + Lb * negative
-        if shift is not None:
-            Lb, Ub = Lb + shift, Ub + shift
-        return Lw, Lb, Uw, Ub
-    weight, bias = data["weight"], data["bias"]
-    positive, negative = weight.clamp(min=0), weight.clamp(max=0)
-    if kind == "linear":
-        def apply(t, w):
-            return t @ w.T
-    elif kind == "conv":
-        def apply(t, w):
-            return _conv_rows(t, w, data)
-    else:  # pragma: no cover - every kind of the tape is handled
-        raise AssertionError(f"unknown node kind {kind}")
-    new = (apply(Lw, positive) + apply(Uw, negative), apply(Lb, positive) + apply(Ub, negative),
-           apply(Uw, positive) + apply(Lw, negative), apply(Ub, positive) + apply(Lb, negative))
-    if bias is not None:
-        shaped = bias.view(1, -1, 1, 1) if kind == "conv" else bias
-        new = (new[0], new[1] + shaped, new[2], new[3] + shaped)
-    return new
+    parents = [states[p] for p in node.parents]
+    if all(_exact(p) for p in parents):
+        weights, biases = _linear_map(node, [p[:2] for p in parents], batch, size)
+        return weights, biases, weights, biases
+    lower, upper = [p[:2] for p in parents], [p[2:] for p in parents]
+    if kind == "sum" and data["signs"][1] < 0:  # a - b: b's upper bound enters the lower one and vice versa
+        lower[1], upper[1] = upper[1], lower[1]
+    if kind in ("sum", "cat", "reshape") or (kind == "affine" and data["scale"] is None):
+        return (*_linear_map(node, lower, batch, size), *_linear_map(node, upper, batch, size))
+    # a scale or weight: its positive part maps each bound to itself, its negative part to the other
+
+    def mapped(part: str, state: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _linear_map(node, [state], batch, size, part=part)
+    (lw, lb), (lw_, lb_) = mapped("positive", lower[0]), mapped("negative", upper[0])
+    (uw, ub), (uw_, ub_) = mapped("positive", upper[0]), mapped("negative", lower[0])
+    Lw, Lb, Uw, Ub = lw + lw_, lb + lb_, uw + uw_, ub + ub_
+    offset = _offset(node)
+    if offset is not None:
+        Lb, Ub = Lb + offset, Ub + offset
+    return Lw, Lb, Uw, Ub
 
 
-def _exact_step(node: Node, parents: List[State], batch: int, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The (weights, bias) of a linear node's exact forward-mode function from its parents' exact ones."""
+def _offset(node: Node) -> Optional[torch.Tensor]:
+    """The constant an affine, linear or conv node adds (shift or bias), shaped to broadcast over (B, *shape)."""
+    if node.kind == "affine":
+        return node.data["shift"]
+    bias = node.data["bias"]
+    return bias.view(1, -1, 1, 1) if bias is not None and node.kind == "conv" else bias
+
+
+def _linear_map(node: Node, parents: List[Tuple[torch.Tensor, torch.Tensor]], batch: int, size: int,
+                part: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (weights, bias) of a linear node's function of the input from its parents' (each (weights, bias)).
+    ``part`` ("positive" / "negative"): map with that part of the node's scale or weight only, without its
+    offset (the halves of the map of a relaxed bound)."""
     kind, data = node.kind, node.data
     if kind == "sum":
-        (wa, ba), (wb, bb) = [(p[0], p[1]) for p in parents]
+        (wa, ba), (wb, bb) = parents
         return (wa + wb, ba + bb) if data["signs"][1] > 0 else (wa - wb, ba - bb)
     if kind == "cat":
         dim = data["dim"]
         return torch.cat([p[0] for p in parents], dim + 1), torch.cat([p[1] for p in parents], dim)
-    w, b = parents[0][0], parents[0][1]
+    w, b = parents[0]
     if kind == "reshape":
         return w.reshape(batch, size, *node.shape), b.reshape(batch, *node.shape)
+
+    def signed(factor: torch.Tensor) -> torch.Tensor:
+        return factor if part is None else factor.clamp(min=0) if part == "positive" else factor.clamp(max=0)
     if kind == "affine":
-        scale, shift = data["scale"], data["shift"]
-        if scale is not None:
-            scale = _shaped(scale, len(node.shape)).to(b)
+        if data["scale"] is not None:
+            scale = signed(_shaped(data["scale"], len(node.shape)).to(b))
             w, b = w * _with_input_axis(scale), b * scale
-        return w, (b if shift is None else b + shift)
-    weight, bias = data["weight"], data["bias"]
-    if kind == "linear":
-        w, b = w @ weight.T, b @ weight.T
-    elif kind == "conv":
-        w, b = _conv_rows(w, weight, data), _conv_rows(b, weight, data)
+    elif kind in ("linear", "conv"):
+        weight = signed(data["weight"])
+        if kind == "linear":
+            w, b = w @ weight.T, b @ weight.T
+        else:
+            w, b = _conv_rows(w, weight, data), _conv_rows(b, weight, data)
     else:  # pragma: no cover - every kind of the tape is handled
         raise AssertionError(f"unknown node kind {kind}")
-    if bias is not None:
-        b = b + (bias.view(1, -1, 1, 1) if kind == "conv" else bias)
-    return w, b
+    offset = None if part is not None else _offset(node)
+    return w, (b if offset is None else b + offset)
 
 
 def _conv_rows(t: torch.Tensor, weight: torch.Tensor, data: Dict[str, Any]) -> torch.Tensor:

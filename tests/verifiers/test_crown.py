@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.verifiers.nets import OPERATIONS, cell_net, op_net
 from tests.violation import max_violation, pgd_attack
@@ -336,3 +337,59 @@ def test_a_per_channel_scale_convolution_is_bounded_as_the_affine_map_it_is(norm
     lower, upper = _logit_bounds(net, x, eps, norm, CrownOptions(backsubstitution="all"))
     violation = max_violation(net, x, eps, norm, lower, upper, samples=48, pgd_steps=25)
     assert violation <= _tolerance(lower, upper)
+
+
+def _relaxed_state(shape, size, g, batch=2):
+    """A forward-mode state (Lw, Lb, Uw, Ub) over inputs in [-1, 1]^size with L(x) <= U(x) there and L != U."""
+    Lw, Lb = torch.randn(batch, size, *shape, generator=g, dtype=torch.float64), \
+        torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    spread = 0.3 * torch.randn(batch, size, *shape, generator=g, dtype=torch.float64)
+    gap = spread.abs().sum(1) + torch.rand(batch, *shape, generator=g, dtype=torch.float64)
+    return Lw, Lb, Lw + spread, Lb + gap
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "affine", "shift-only", "sum", "difference", "cat", "reshape"])
+def test_a_forward_step_bounds_its_node_at_every_point_between_the_parents_bounds(kind):
+    """One linear node's forward-mode bounds hold for the node's own operation (torch, not the bound code) applied
+    to sampled points between its parents' relaxed bounds, and equal it on exact (unrelaxed) parents."""
+    from verifiers.crown import _forward_step
+    from verifiers.interval import Node
+    g = torch.Generator().manual_seed(3)
+    size, batch = 3, 2
+    weight = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    kernel = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    scale = torch.tensor([1.5, -0.7], dtype=torch.float64).view(2, 1, 1)          # both signs
+    shift = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    image, vector = (2, 4, 4), (5,)
+    parent_shapes, data, shape, apply = {
+        "linear": ([vector], {"weight": weight, "bias": bias}, (4,), lambda z: z[0] @ weight.T + bias),
+        "conv": ([image], {"weight": kernel, "bias": bias[:3], "stride": 1, "padding": 1, "dilation": 1, "groups": 1},
+                 (3, 4, 4), lambda z: F.conv2d(z[0], kernel, bias[:3], 1, 1)),
+        "affine": ([image], {"scale": scale, "shift": shift}, image, lambda z: z[0] * scale + shift),
+        "shift-only": ([image], {"scale": None, "shift": shift}, image, lambda z: z[0] + shift),
+        "sum": ([image, image], {"signs": (1.0, 1.0)}, image, lambda z: z[0] + z[1]),
+        "difference": ([image, image], {"signs": (1.0, -1.0)}, image, lambda z: z[0] - z[1]),
+        "cat": ([image, (1, 4, 4)], {"dim": 1, "sizes": (2, 1)}, (3, 4, 4), lambda z: torch.cat(z, 1)),
+        "reshape": ([image], {}, (32,), lambda z: z[0].reshape(batch, 32)),
+    }[kind]
+    parents = [Node("input", (), {}, s) for s in parent_shapes]
+    node = Node(kind.replace("shift-only", "affine").replace("difference", "sum"), tuple(parents), data, shape)
+    states = {p: _relaxed_state(p.shape, size, g, batch) for p in parents}
+    Lw, Lb, Uw, Ub = _forward_step(node, states, batch, size)
+
+    def value(w, b, x):  # a forward-mode function at input points x (N, B, size)
+        return torch.einsum("nbd,bd...->nb...", x, w) + b
+    x = 2 * torch.rand(64, batch, size, generator=g, dtype=torch.float64) - 1
+    points = []
+    for p in parents:
+        low, high = value(*states[p][:2], x), value(*states[p][2:], x)
+        points.append(low + torch.rand(low.shape, generator=g, dtype=torch.float64) * (high - low))
+    out = torch.stack([apply([z[n] for z in points]) for n in range(len(x))])
+    assert (value(Lw, Lb, x) <= out + 1e-9).all() and (out <= value(Uw, Ub, x) + 1e-9).all()
+    assert (value(Uw, Ub, x) - value(Lw, Lb, x)).max() > 1e-3                 # relaxed: not a point
+    exact = {p: (s[0], s[1], s[0], s[1]) for p, s in states.items()}
+    Ew, Eb, Fw, Fb = _forward_step(node, exact, batch, size)
+    assert Ew is Fw and Eb is Fb
+    expected = torch.stack([apply([value(*exact[p][:2], x)[n] for p in parents]) for n in range(len(x))])
+    assert torch.allclose(value(Ew, Eb, x), expected, atol=1e-9)
