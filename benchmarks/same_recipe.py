@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from certnas.config import ConfigError
 from certnas.files import atomic_write_json, environment
 
 GENOTYPE = Path(__file__).resolve().parent / "results" / "full-mnist" / "same-recipe" / "search" / "genotype.json"
@@ -52,10 +53,11 @@ def run_stage(out: Path, name: str, seed: int, data: List[str], genotype: Path, 
     args = [a.replace("{genotype}", str(genotype)) for a in NETWORKS[name][1]]
     trained_at = json.loads((train / "config.json").read_text())["eps"] if (train / "config.json").exists() else eps
     if trained_at != eps:
-        raise ValueError(f"{train} was trained at eps {trained_at:g}, not {eps:g}: use another --out")
+        raise ConfigError(f"{train} was trained at eps {trained_at:g}, not {eps:g}: use another --out")
     if not (train / "summary.json").exists():
         resume = ["--resume"] if (train / "checkpoint.pt").exists() else []
-        _certnas("train", *data, *args, *RECIPE, "--eps", f"{eps:g}", *extra, "--seed", str(seed), "--out", str(train), *resume)
+        _certnas("train", *data, *args, *RECIPE, "--eps", f"{eps:g}", *extra, "--seed", str(seed), "--out", str(train),
+                 *resume)
     if not (verify / "verify.json").exists():
         shutil.rmtree(verify, ignore_errors=True)  # an interrupted verify starts again
         seconds = _certnas("verify", str(train / "model.pt"), *data, "--eps", f"{eps:g}", "--n", str(n),
@@ -141,7 +143,7 @@ def main(argv=None) -> List[dict]:
             hint = "it refused its input" if error.returncode == 2 else "rerun to resume"
             print(f"same_recipe: certnas {error.cmd[4]} stopped (exit {error.returncode}); {hint}", file=sys.stderr)
             sys.exit(error.returncode)
-        except ValueError as error:
+        except ConfigError as error:
             parser.error(str(error))
     return summarise(args.out, args.eps)
 
