@@ -9,7 +9,8 @@ epochs with eps ramped to ``--eps`` over 10, on 10,000 fresh training digits per
 ``certnas verify --method ibp,crown-ibp`` on every test digit (PGD-50 before the bounds). One ``--out`` folder
 holds one eps (a folder trained at another eps is refused). Each stage runs as its own
 ``certnas`` process; a finished stage is kept, so an interrupted run resumes by rerunning the command. The
-summary (``same_recipe.csv`` / ``.md``) has one row per network and seed and a mean row per network.
+summary (``same_recipe.csv`` / ``.md``) has one row per network and seed and a mean row per network; every run's
+command, commit and environment is appended to ``runs.json``.
 """
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def run_stage(out: Path, name: str, seed: int, data: List[str], genotype: Path, 
         seconds = _certnas("verify", str(train / "model.pt"), *data, "--eps", f"{eps:g}", "--n", str(n),
                            "--method", "ibp,crown-ibp", "--out", str(verify))
         atomic_write_json(folder / "verify_seconds.json", {"seconds": round(seconds, 1)})
+
+
+def record_run(out: Path, record: dict) -> None:
+    """Append one run's command and environment to ``out/runs.json``, a list kept across runs (a run never
+    overwrites an earlier run's record, whatever its seeds)."""
+    path = out / "runs.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    atomic_write_json(path, runs + [record])
 
 
 def _row(folder: Path, eps: float) -> Optional[dict]:
@@ -132,9 +141,9 @@ def main(argv=None) -> List[dict]:
             parser.error(f"--genotype {args.genotype}: no such file")
         data = ["--data", args.data] + (["--data-root", args.data_root] if args.data_root else [])
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.out / f"run-seeds{args.seeds.replace(',', '-')}.json",
-                          {"command": " ".join(["python -m benchmarks.same_recipe", *(argv or sys.argv[1:])]),
-                           "recipe": RECIPE, "environment": environment()})
+        record_run(args.out, {"command": " ".join(["python -m benchmarks.same_recipe", *(argv or sys.argv[1:])]),
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": RECIPE,
+                              "environment": environment()})
         try:
             for seed in seeds:
                 for name in names:

@@ -34,6 +34,15 @@ def test_same_recipe_trains_verifies_and_summarises_each_network_and_a_rerun_kee
     with open(out / "same_recipe.csv") as stream:
         assert len(list(csv.DictReader(stream))) == 4
     assert "| cnn | 0 |" in (out / "same_recipe.md").read_text()
+    runs = json.loads((out / "runs.json").read_text())                    # both runs recorded, none overwritten
+    assert len(runs) == 2 and all("--seeds 0" in r["command"] and "torch" in r["environment"] for r in runs)
+
+
+def test_record_run_appends_and_keeps_earlier_records(tmp_path):
+    import json
+    for number in range(3):
+        same_recipe.record_run(tmp_path, {"run": number})
+    assert json.loads((tmp_path / "runs.json").read_text()) == [{"run": 0}, {"run": 1}, {"run": 2}]
 
 
 def test_same_recipe_refuses_unknown_networks_and_seeds(capsys):
