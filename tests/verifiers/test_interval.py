@@ -211,6 +211,32 @@ def test_training_mode_batch_norm_is_refused_without_the_clean_pass():
     assert torch.isfinite(interval_margins(net, x, y, EPS, clean=False).ibp).all()
 
 
+@pytest.mark.parametrize("momentum,affine", [(0.1, True), (0.5, False)])
+def test_training_mode_batch_norm_on_an_interval_matches_torch_value_gradient_and_running_statistics(momentum, affine):
+    """The interval engine normalises the clean value itself (no second F.batch_norm pass): the clean logits,
+    their gradients (through the batch statistics) and the running statistics must be torch's own."""
+    def make():
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=momentum, affine=affine), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double().train()
+        if affine:
+            with torch.no_grad():
+                net[1].weight.uniform_(0.5, 2.0), net[1].bias.uniform_(-1.0, 1.0)
+        net[1].running_mean.fill_(0.3), net[1].running_var.fill_(2.0)
+        return net
+    x, y = _inputs(batch=5).double() * 3 + 1, torch.tensor([0, 2, 1, 1, 0])  # a mean far from 0 and a std not 1
+    ours, theirs = make(), make()
+    for _ in range(2):  # twice: the second step starts from updated running statistics
+        logits, reference = interval_margins(ours, x, y, EPS).logits, theirs(x)
+    assert torch.allclose(logits, reference, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(logits.square().sum(), list(ours.parameters()))
+    expected = torch.autograd.grad(reference.square().sum(), list(theirs.parameters()))
+    assert len(grads) == (4 + 2 * affine) and all(torch.allclose(a, b, atol=1e-10, rtol=0)
+                                                  for a, b in zip(grads, expected))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(ours[1], name).double(), getattr(theirs[1], name).double(), atol=1e-12, rtol=0)
+
+
 def test_relu_inputs_are_every_relu_input_in_forward_order_and_contain_the_clean_input():
     """On a cell with parallel branches and a max-pool (a tree of ReLUs): one (lower, upper) per ReLU the network
     calls, in the order it calls them (recorded by a torch function mode, not by the engine), each of that
