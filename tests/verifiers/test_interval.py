@@ -237,6 +237,17 @@ def test_training_mode_batch_norm_on_an_interval_matches_torch_value_gradient_an
         assert torch.allclose(getattr(ours[1], name).double(), getattr(theirs[1], name).double(), atol=1e-12, rtol=0)
 
 
+def test_a_plain_and_an_interval_forward_through_one_training_mode_batch_norm_share_a_backward():
+    """The search's architecture loss adds a plain forward's loss and a bound of the same network: the interval
+    engine's running-statistics update must not invalidate what the plain forward saved for its backward."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3)).train()
+    x, y = _inputs(batch=3), torch.tensor([0, 2, 1])
+    loss = F.cross_entropy(net(x), y) - interval_margins(net, x, y, EPS).ibp.mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
 def test_relu_inputs_are_every_relu_input_in_forward_order_and_contain_the_clean_input():
     """On a cell with parallel branches and a max-pool (a tree of ReLUs): one (lower, upper) per ReLU the network
     calls, in the order it calls them (recorded by a torch function mode, not by the engine), each of that
