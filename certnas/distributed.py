@@ -202,7 +202,7 @@ class SyncedBatchNorm(nn.BatchNorm2d):
         world = _SYNC.get("world")
         if world is None or not self.training:
             return super().forward(x)
-        from verifiers.interval import clean_value, normalise_channels
+        from verifiers.interval import clean_value, normalise_channels, update_running_statistics
         value = clean_value(x)
         dims = [0] + list(range(2, value.dim()))
         count = torch.tensor([value.numel() / value.shape[1]], dtype=value.dtype, device=value.device)
@@ -216,9 +216,7 @@ class SyncedBatchNorm(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * n / (n - 1).clamp_min(1.0)
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
-                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
+            update_running_statistics(self.running_mean, self.running_var, mean, var, n, momentum)
         return normalise_channels(x, mean, var, self.weight, self.bias, self.eps)
 
 

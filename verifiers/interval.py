@@ -232,14 +232,16 @@ def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def update_running_statistics(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                              var: torch.Tensor, count: int, momentum: float) -> None:
+                              var: torch.Tensor, count: Union[int, torch.Tensor], momentum: float) -> None:
     """What training-mode ``F.batch_norm`` does to the running statistics: an exponential average with
-    weight ``momentum`` of the batch mean and the unbiased batch variance of ``count`` values per channel.
+    weight ``momentum`` of the batch mean and the unbiased batch variance of ``count`` values per channel
+    (a number, or a one-element tensor such as a count summed over processes).
     Through ``.data``, unseen by autograd as inside F.batch_norm's kernel: a plain forward of the same module
     earlier in the graph saved these buffers (torch's batch-norm backward takes them; training mode reads
     neither), and a visible in-place update would make its backward refuse to run."""
     running_mean.data.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-    running_var.data.mul_(1 - momentum).add_(var.detach() * (count / max(count - 1, 1)), alpha=momentum)
+    unbiased = count / (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else count / max(count - 1, 1)
+    running_var.data.mul_(1 - momentum).add_(var.detach() * unbiased, alpha=momentum)
 
 
 def _normalising_map(mean: torch.Tensor, var: torch.Tensor, weight: Optional[torch.Tensor],
